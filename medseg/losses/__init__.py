@@ -1,0 +1,1 @@
+"""Segmentation losses: focal, Dice and their combinations."""

@@ -1,0 +1,1 @@
+"""Segmentation metrics: voxel overlap scores and lesion-wise detection metrics."""
