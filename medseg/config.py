@@ -1,0 +1,39 @@
+"""Hydra/OmegaConf helpers: custom resolvers and composing the project's configs from Python."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _num_outputs(mode: str, names: Sequence[str]) -> int:
+    """Network output channels for a label convention (see :class:`medseg.data.labels.LabelSpec`)."""
+    if mode not in ("sigmoid", "softmax"):
+        raise ValueError(f"expected data.labels.mode 'sigmoid' or 'softmax', got {mode!r}")
+    return len(names) + (1 if mode == "softmax" else 0)
+
+
+def register_resolvers() -> None:
+    """Register ``${medseg.num_outputs:mode,names}`` (idempotent; imported by every entry point)."""
+    if not OmegaConf.has_resolver("medseg.num_outputs"):
+        OmegaConf.register_new_resolver("medseg.num_outputs", _num_outputs)
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a config from ``conf/`` outside a Hydra app (tests, notebooks).
+
+    ``hydra:`` interpolations are not available this way: set ``paths.output_dir`` in ``overrides``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+register_resolvers()

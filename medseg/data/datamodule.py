@@ -1,0 +1,229 @@
+"""The Lightning data module: find cases, split them, cache preprocessing, serve patches and whole volumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
+from monai.transforms import Compose
+
+from medseg.data.labels import LabelSpec
+from medseg.data.layouts import CaseRecord, find_cases
+from medseg.data.transforms import augmentation_from_config, preprocessing
+
+
+def split_cases(cases: Sequence[CaseRecord], val_fraction: float, seed: int) -> tuple[list[CaseRecord], list[CaseRecord]]:
+    """A deterministic train/validation split: the same cases, fraction and seed give the same split.
+
+    Cases are ordered by id before shuffling, so the split does not depend on file system order.
+
+    Raises:
+        ValueError: ``val_fraction`` outside [0, 1) or a split that leaves no training case.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"expected data.val_fraction in [0, 1), got {val_fraction}")
+    ordered = sorted(cases, key=lambda c: c["case"])
+    n_val = int(round(len(ordered) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(ordered) > 1:
+        n_val = 1
+    if n_val >= len(ordered):
+        raise ValueError(f"expected at least one training case, got {len(ordered)} case(s) with data.val_fraction={val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    val_idx = set(order[:n_val].tolist())
+    train = [c for i, c in enumerate(ordered) if i not in val_idx]
+    val = [c for i, c in enumerate(ordered) if i in val_idx]
+    return train, val
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Cases of a BraTS or MSD dataset as training patches and whole validation volumes.
+
+    Args:
+        layout: ``"brats"`` (one folder per case) or ``"msd"`` (``dataset.json``).
+        root: dataset folder.
+        labels: the ``data.labels`` node (see :class:`medseg.data.labels.LabelSpec`).
+        modalities: BraTS modality names in channel order (ignored for MSD).
+        in_channels: image channels every case must have (checked when the cases are found).
+        out_channels: network outputs; must agree with ``labels`` (one per region, or classes + background).
+        patch_size: training patch ``(H, W, D)``.
+        batch_size: volumes per training batch; each yields ``samples_per_volume`` patches.
+        samples_per_volume: random patches drawn from each loaded volume.
+        num_workers: DataLoader worker processes.
+        cache_rate: fraction of cases whose preprocessing is cached in memory (0 disables the cache).
+        cache_dir: if set, preprocessing is cached on disk there instead (:class:`monai.data.PersistentDataset`),
+            for datasets larger than memory.
+        val_fraction: fraction of cases held out for validation.
+        seed: seed of the split.
+        spacing, intensity, ct_window, crop_foreground: see :func:`medseg.data.transforms.preprocessing`.
+        augment: options of :func:`medseg.data.transforms.augmentation`.
+        synthetic: if set, ``{"cases": N, "shape": [...], "spacing": [...], "seed": S}``: generate a synthetic
+            BraTS-layout dataset into ``root`` first (once; later runs reuse it).
+        split_path: where the split is saved as JSON (the run directory); an existing file there is reused,
+            so a resumed run validates on the same cases.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        layout: Literal["brats", "msd"],
+        root: str,
+        labels: Mapping[str, Any],
+        modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        patch_size: Sequence[int] = (128, 128, 128),
+        batch_size: int = 2,
+        samples_per_volume: int = 2,
+        num_workers: int = 4,
+        cache_rate: float = 1.0,
+        cache_dir: str | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 42,
+        spacing: Sequence[float] | None = None,
+        intensity: Literal["mri", "ct", "none"] = "mri",
+        ct_window: Sequence[float] = (-175.0, 250.0),
+        crop_foreground: bool = True,
+        augment: Mapping[str, Any] | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+        split_path: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or samples_per_volume < 1:
+            raise ValueError(f"expected data.batch_size and data.samples_per_volume >= 1, got {batch_size} and {samples_per_volume}")
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"expected data.cache_rate in [0, 1], got {cache_rate}")
+        if len(patch_size) != 3:
+            raise ValueError(f"expected a 3D data.patch_size, got {list(patch_size)}")
+        self.layout = layout
+        self.root = str(Path(root).expanduser())
+        self.label_spec = LabelSpec.from_config(labels)
+        if out_channels is not None and out_channels != self.label_spec.num_outputs:
+            raise ValueError(f"expected data.out_channels={self.label_spec.num_outputs} for labels {list(self.label_spec.names)} in {self.label_spec.mode} mode, got {out_channels}")
+        self.modalities = tuple(modalities)
+        self.in_channels = in_channels
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size = batch_size
+        self.samples_per_volume = samples_per_volume
+        self.num_workers = num_workers
+        self.cache_rate = cache_rate
+        self.cache_dir = cache_dir
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.preprocess_options = dict(spacing=spacing, intensity=intensity, ct_window=ct_window, crop_foreground=crop_foreground)
+        self.augment = dict(augment or {})
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.split_path = split_path
+        self.pin_memory = pin_memory
+        self.train_cases: list[CaseRecord] = []
+        self.val_cases: list[CaseRecord] = []
+        self._train_dataset: Dataset | None = None
+        self._val_dataset: Dataset | None = None
+
+    # Lightning calls prepare_data on one process per node: generate data here, never in setup.
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            from medseg.data.synthetic import generate_dataset
+
+            generate_dataset(self.root, self.synthetic["cases"], **{k: v for k, v in self.synthetic.items() if k != "cases"})
+
+    def find_cases(self) -> list[CaseRecord]:
+        """All labelled cases of the dataset (raises :class:`medseg.data.layouts.DatasetError` with the fix)."""
+        cases = find_cases(self.layout, self.root, modalities=self.modalities)
+        if self.in_channels is not None:
+            for case in cases:
+                if len(case["image"]) not in (1, self.in_channels):
+                    raise ValueError(f"case {case['case']}: expected {self.in_channels} image files (data.in_channels), got {len(case['image'])}")
+        return cases
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_cases:
+            return
+        cases = self.find_cases()
+        saved = Path(self.split_path) if self.split_path else None
+        if saved is not None and saved.is_file():
+            split = json.loads(saved.read_text())
+            by_id = {c["case"]: c for c in cases}
+            unknown = [c for c in split["train"] + split["val"] if c not in by_id]
+            if unknown:
+                raise ValueError(f"{saved}: the saved split names cases not found under {self.root}: {unknown[:5]}")
+            self.train_cases = [by_id[c] for c in split["train"]]
+            self.val_cases = [by_id[c] for c in split["val"]]
+        else:
+            self.train_cases, self.val_cases = split_cases(cases, self.val_fraction, self.seed)
+            if saved is not None and self.trainer is not None and self.trainer.is_global_zero:
+                write_json_atomic(saved, {"seed": self.seed, "val_fraction": self.val_fraction, "train": [c["case"] for c in self.train_cases], "val": [c["case"] for c in self.val_cases]})
+        rank_zero_info(f"Data: {len(self.train_cases)} training and {len(self.val_cases)} validation cases from {self.root}")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """MONAI MetaTensors to plain tensors, so that metrics and checkpoints stay free of MONAI metadata;
+        the voxel spacing in mm (after resampling) is kept as ``batch["spacing"]`` ``(B, 3)``."""
+        if isinstance(batch, dict) and isinstance(batch.get("image"), MetaTensor):
+            affine = batch["image"].affine.reshape(-1, 4, 4)  # (B, 4, 4)
+            batch["spacing"] = affine[:, :3, :3].pow(2).sum(1).sqrt().float()  # column norms, (B, 3)
+            for key in ("image", "label"):
+                if isinstance(batch.get(key), MetaTensor):
+                    batch[key] = batch[key].as_tensor()
+        return batch
+
+    def _dataset(self, cases: list[CaseRecord], transform: Compose, random_part: Compose | None = None) -> Dataset:
+        # Flattened, so that the cache holds everything up to the first random transform.
+        full = Compose([transform, random_part]).flatten() if random_part is not None else transform
+        if self.cache_dir:
+            return PersistentDataset(cases, full, cache_dir=self.cache_dir)
+        if self.cache_rate > 0:
+            return CacheDataset(cases, full, cache_rate=self.cache_rate, num_workers=None, progress=True)
+        return Dataset(cases, full)
+
+    @property
+    def preprocessing(self) -> Compose:
+        """The deterministic transforms for labelled cases (also used by prediction and evaluation)."""
+        return preprocessing(self.label_spec, with_label=True, **self.preprocess_options)
+
+    def train_dataset(self) -> Dataset:
+        """Training patches (preprocessing cached, augmentation random); built once, then reused."""
+        if self._train_dataset is None:
+            random_part = augmentation_from_config(self.patch_size, self.samples_per_volume, self.augment)
+            self._train_dataset = self._dataset(self.train_cases, self.preprocessing, random_part)
+        return self._train_dataset
+
+    def val_dataset(self) -> Dataset:
+        """Whole preprocessed validation volumes; built once, then reused by validation and test."""
+        if self._val_dataset is None:
+            self._val_dataset = self._dataset(self.val_cases, self.preprocessing)
+        return self._val_dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset(),
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_cases:
+            return []
+        # Whole volumes of different sizes: one per batch, sliding-window inference in the module.
+        return DataLoader(self.val_dataset(), batch_size=1, num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,163 @@
+"""Label conventions: how a dataset's integer labels become the network's training targets and back.
+
+Two kinds of task:
+
+* ``sigmoid``: overlapping regions, one output channel each, e.g. BraTS whole tumour WT = {1, 2, 4},
+  tumour core TC = {1, 4}, enhancing tumour ET = {4}. Targets are multi-hot ``(R, *spatial)``.
+* ``softmax``: mutually exclusive classes, e.g. MSD hippocampus anterior = 1, posterior = 2. The network
+  has one output per class plus background; targets are class indices ``(1, *spatial)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What the labels of a dataset mean.
+
+    Args:
+        mode: ``"sigmoid"`` (overlapping regions) or ``"softmax"`` (exclusive classes).
+        names: region names (sigmoid) or foreground class names (softmax), used in metric keys.
+        values: every label value the dataset may contain, background (0) included. In softmax mode the
+            i-th value becomes class index i, so ``[0, 1, 2, 4]`` maps BraTS 4 to class 3.
+        regions: sigmoid mode only: for each name, the label values it unites.
+    """
+
+    mode: Literal["sigmoid", "softmax"]
+    names: tuple[str, ...]
+    values: tuple[int, ...]
+    regions: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sigmoid", "softmax"):
+            raise ValueError(f"expected labels.mode 'sigmoid' or 'softmax', got {self.mode!r}")
+        if not self.names:
+            raise ValueError("expected at least one name in labels.names, got none")
+        if 0 not in self.values:
+            raise ValueError(f"expected labels.values to include background 0, got {list(self.values)}")
+        if self.mode == "sigmoid":
+            missing = [n for n in self.names if n not in self.regions]
+            if missing:
+                raise ValueError(f"expected labels.regions to define every name in labels.names, missing {missing}")
+            for name, members in self.regions.items():
+                unknown = sorted(set(members) - set(self.values))
+                if unknown:
+                    raise ValueError(f"labels.regions.{name} uses values {unknown} not in labels.values {list(self.values)}")
+        elif len(self.values) != len(self.names) + 1:
+            raise ValueError(
+                f"expected softmax labels.values to list background plus one value per name "
+                f"({len(self.names) + 1} values), got {list(self.values)} for names {list(self.names)}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> LabelSpec:
+        """Build from the ``data.labels`` config node (a dict or DictConfig)."""
+        regions = {str(k): tuple(int(v) for v in vs) for k, vs in dict(cfg.get("regions") or {}).items()}
+        return cls(
+            mode=cfg["mode"],
+            names=tuple(str(n) for n in cfg["names"]),
+            values=tuple(int(v) for v in cfg["values"]),
+            regions=regions,
+        )
+
+    @property
+    def num_outputs(self) -> int:
+        """Output channels of the network: one per region, or one per class plus background."""
+        return len(self.names) + (1 if self.mode == "softmax" else 0)
+
+    def to_target(self, label: torch.Tensor) -> torch.Tensor:
+        """Dataset labels ``(1, *spatial)`` -> training target.
+
+        Returns:
+            sigmoid: float multi-hot ``(R, *spatial)``; softmax: float class indices ``(1, *spatial)``.
+        """
+        if self.mode == "sigmoid":
+            channels = [torch.isin(label[0], torch.tensor(self.regions[n], device=label.device)) for n in self.names]
+            return torch.stack(channels).to(torch.float32)
+        index = torch.zeros_like(label, dtype=torch.float32)
+        for i, value in enumerate(self.values):
+            if i:
+                index[label == value] = i
+        return index
+
+    def to_labels(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Binary network output back to dataset labels, the inverse of :meth:`to_target`.
+
+        Args:
+            prediction: sigmoid: binary ``(R, *spatial)``; softmax: class indices ``(1, *spatial)``.
+
+        Returns:
+            Integer labels ``(1, *spatial)`` in the dataset's convention. For overlapping regions each
+            voxel gets the value that is in exactly the regions predicted there (BraTS: WT only -> 2,
+            WT+TC -> 1, WT+TC+ET -> 4); where the prediction is inconsistent (ET outside TC), the value
+            shared by the most predicted regions wins.
+        """
+        if self.mode == "softmax":
+            lut = torch.tensor(self.values, device=prediction.device)
+            return lut[prediction.long()]
+        pred = prediction.flatten(1).float()  # (R, N)
+        foreground = [v for v in self.values if v != 0]
+        member = torch.tensor(
+            [[float(v in self.regions[n]) for n in self.names] for v in foreground], device=pred.device
+        )  # (V, R)
+        agree = member @ pred  # (V, N)
+        distance = member.sum(1, keepdim=True) + pred.sum(0, keepdim=True) - 2 * agree  # Hamming, (V, N)
+        # Nearest membership pattern wins; among equally near values, the one sharing more predicted regions.
+        best = torch.argmin(distance * (len(self.names) + 1) - agree, dim=0)  # (N,)
+        labels = torch.tensor(foreground, device=pred.device)[best]
+        labels[pred.sum(0) == 0] = 0
+        labels = labels.view(prediction.shape[1:])
+        return labels.unsqueeze(0)
+
+
+def _source_name(data: Mapping[Hashable, Any], key: Hashable) -> str:
+    meta = getattr(data[key], "meta", None) or data.get(f"{key}_meta_dict") or {}
+    return str(meta.get("filename_or_obj", data.get("case", key)))
+
+
+class ConvertLabelsd(MapTransform):
+    """Check a label volume's values and convert it with :meth:`LabelSpec.to_target`.
+
+    Raises:
+        ValueError: naming the file, when the label holds values outside ``spec.values`` or non-integers.
+    """
+
+    def __init__(self, keys: str | Sequence[str], spec: LabelSpec, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spec = spec
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = torch.as_tensor(d[key])
+            values = torch.unique(label)
+            if not torch.equal(values, values.round()):
+                raise ValueError(f"{_source_name(d, key)}: expected integer label values, got non-integers such as {values[values != values.round()][:3].tolist()}")
+            unexpected = sorted(set(values.long().tolist()) - set(self.spec.values))
+            if unexpected:
+                raise ValueError(
+                    f"{_source_name(d, key)}: unexpected label values {unexpected}; expected a subset of "
+                    f"{list(self.spec.values)} (set data.labels.values if the dataset uses another convention)"
+                )
+            converted = self.spec.to_target(label)
+            if isinstance(d[key], MetaTensor):  # keep the geometry and transform history for inversion
+                converted = MetaTensor(converted, meta=d[key].meta, applied_operations=d[key].applied_operations)
+            d[key] = converted
+        return d
+
+
+def region_sizes(spec: LabelSpec, label: np.ndarray) -> dict[str, int]:
+    """Voxel count of every region/class in a dataset label volume (for reports and tests)."""
+    target = spec.to_target(torch.as_tensor(label)[None])
+    if spec.mode == "sigmoid":
+        return {n: int(target[i].sum()) for i, n in enumerate(spec.names)}
+    return {n: int((target == i + 1).sum()) for i, n in enumerate(spec.names)}
