@@ -10,6 +10,23 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+class ConfigError(ValueError):
+    """A composed config cannot be used as it is; the message names the key and how to set it."""
+
+
+def check_required(cfg: DictConfig, hints: dict[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` naming every mandatory value (``???``) left unset.
+
+    Args:
+        hints: extra advice per key, e.g. where to get the data for ``data.root``.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        advice = " ".join(hints[k] for k in missing if hints and k in hints)
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"required config value(s) not set: {', '.join(missing)}; pass them on the command line ({example}). {advice}".strip())
+
+
 def _num_outputs(mode: str, names: Sequence[str]) -> int:
     """Network output channels for a label convention (see :class:`medseg.data.labels.LabelSpec`)."""
     if mode not in ("sigmoid", "softmax"):

@@ -16,15 +16,15 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from medseg.config import register_resolvers
+from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
-from medseg.data.layouts import DatasetError
+from medseg.data.layouts import BRATS_HELP, MSD_HELP, DatasetError
 from medseg.module import SegmentationModule
 from medseg.report import print_metrics_table, to_floats
 
 log = logging.getLogger("medseg")
+DATA_HELP = {"brats": BRATS_HELP, "msd": MSD_HELP}
 
 
 def build_model(cfg: DictConfig) -> SegmentationModule:
@@ -42,6 +42,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, then validate the best checkpoint. Returns the final metrics as floats."""
+    check_required(cfg, {"data.root": DATA_HELP.get(cfg.data.get("layout"), "")})
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -80,12 +81,8 @@ def report(cfg: DictConfig, metrics: dict[str, float], names: tuple[str, ...], c
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (DatasetError, MissingMandatoryValue) as err:
-        # User mistakes get one readable message, not a traceback.
-        message = str(err).splitlines()[0] if isinstance(err, MissingMandatoryValue) else str(err)
-        if isinstance(err, MissingMandatoryValue):
-            message += " (set it on the command line, e.g. data.root=/path/to/dataset)"
-        log.error("%s", message)
+    except (DatasetError, ConfigError) as err:  # user mistakes: one readable message, no traceback
+        log.error("%s", err)
         sys.exit(1)
 
 

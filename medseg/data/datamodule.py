@@ -31,7 +31,9 @@ def split_cases(cases: Sequence[CaseRecord], val_fraction: float, seed: int) -> 
         raise ValueError(f"expected data.val_fraction in [0, 1), got {val_fraction}")
     ordered = sorted(cases, key=lambda c: c["case"])
     n_val = int(round(len(ordered) * val_fraction))
-    if val_fraction > 0 and n_val == 0 and len(ordered) > 1:
+    if val_fraction > 0 and n_val == 0:
+        if len(ordered) < 2:
+            raise ValueError(f"expected at least 2 cases to hold out validation cases, got {len(ordered)}; set data.val_fraction=0 to train without validation")
         n_val = 1
     if n_val >= len(ordered):
         raise ValueError(f"expected at least one training case, got {len(ordered)} case(s) with data.val_fraction={val_fraction}")
