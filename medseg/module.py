@@ -12,7 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from medseg.data.labels import LabelSpec
+from medseg.metrics.cases import case_rows, gather_rows
+from medseg.metrics.lesion import LesionMetrics
 from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
+
+# Lesion-wise values logged every validation (besides the per-bucket recalls); counts go to the case table.
+LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_dice")
 
 
 class SegmentationModule(L.LightningModule):
@@ -30,6 +35,13 @@ class SegmentationModule(L.LightningModule):
         threshold: probability above which a sigmoid output counts as foreground.
         empty_score: metric value for a case where reference and prediction are both empty.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        lesion_metrics: options of :class:`medseg.metrics.lesion.LesionMetrics` (connectivity, size buckets,
+            ...) to track lesion-wise detection per region, or ``None`` to skip them.
+
+    Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
+    ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
+    ``val/lesion_dice_<region>`` (and the same under ``test/``). After a test run, :attr:`case_rows` holds one
+    row of per-case metrics (voxel scores, HD95 in mm, lesion metrics) per case and region.
     """
 
     def __init__(
@@ -43,12 +55,14 @@ class SegmentationModule(L.LightningModule):
         threshold: float = 0.5,
         empty_score: float = 1.0,
         scheduler_interval: str = "epoch",
+        lesion_metrics: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         labels, inferer = _plain(labels), _plain(inferer)
+        lesion_metrics = _plain(lesion_metrics) if lesion_metrics else None
         # Plain containers only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
-            {"labels": labels, "inferer": inferer, "threshold": threshold, "empty_score": empty_score, "scheduler_interval": scheduler_interval},
+            {"labels": labels, "inferer": inferer, "threshold": threshold, "empty_score": empty_score, "scheduler_interval": scheduler_interval, "lesion_metrics": lesion_metrics},
             logger=False,
         )
         self.net = net
@@ -58,8 +72,13 @@ class SegmentationModule(L.LightningModule):
         self.label_spec = LabelSpec.from_config(labels)
         self.mode = self.label_spec.mode
         self.inferer = inferer
-        self.val_metrics = OverlapMetrics(self.label_spec.names, empty_score=empty_score)
-        self.test_metrics = OverlapMetrics(self.label_spec.names, empty_score=empty_score)
+        names = self.label_spec.names
+        self.metrics = nn.ModuleDict({stage: OverlapMetrics(names, empty_score=empty_score) for stage in ("val", "test")})
+        self.lesion_options = {**(lesion_metrics or {}), "empty_score": empty_score}
+        self.lesion_metrics = nn.ModuleDict(
+            {stage: nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names}) for stage in ("val", "test")}
+        ) if lesion_metrics else None
+        self.case_rows: list[dict[str, Any]] = []
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
 
     def forward(self, image: Tensor) -> Tensor:
@@ -81,31 +100,48 @@ class SegmentationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], metrics: OverlapMetrics, stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
         logits = self.predict_volume(image)
-        self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=1, sync_dist=True)
-        pred = binarize(logits, self.mode, self.hparams.threshold)
-        metrics.update(pred, target_channels(target, self.mode, logits.shape[1]))
+        self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        pred = binarize(logits, self.mode, self.hparams.threshold)  # (B, R, H, W, D) bool
+        truth = target_channels(target, self.mode, logits.shape[1])
+        self.metrics[stage].update(pred, truth)
+        spacing = batch.get("spacing")  # (B, 3) mm
+        if self.lesion_metrics is not None:
+            for r, name in enumerate(self.label_spec.names):
+                self.lesion_metrics[stage][name].update(pred[:, r], truth[:, r], spacing=spacing)
+        if stage == "test":
+            self.case_rows.extend(case_rows(batch.get("case"), pred, truth, spacing, self.label_spec.names, self.lesion_options, self.hparams.empty_score))
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
 
-    def _log_metrics(self, metrics: OverlapMetrics, stage: str) -> None:
+    def on_test_epoch_start(self) -> None:
+        self.case_rows = []
+
+    def _log_metrics(self, stage: str) -> None:
         # compute() already reduces across processes (torchmetrics sync), so no sync_dist here.
-        values = metrics.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "dice"})
+        values = self.metrics[stage].compute()
+        logged = {f"{stage}/{k}": v for k, v in values.items()}
+        if self.lesion_metrics is not None:
+            for name, metric in self.lesion_metrics[stage].items():
+                lesion = metric.compute()
+                logged.update({f"{stage}/{k}_{name}": v.float() for k, v in lesion.items() if k in LOGGED_LESION_KEYS or k.startswith("lesion_recall_")})
+                metric.reset()
+        self.log_dict({k: v for k, v in logged.items() if k != f"{stage}/dice"})
         self.log(f"{stage}/dice", values["dice"], prog_bar=True)
-        metrics.reset()
+        self.metrics[stage].reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
+        self._log_metrics("test")
+        self.case_rows = gather_rows(self.case_rows)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

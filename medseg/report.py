@@ -1,15 +1,28 @@
-"""Human-readable summaries of metric dictionaries (console tables, JSON files)."""
+"""Human-readable summaries of metric dictionaries: console tables, per-case CSV files."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from medseg.metrics.voxel import SCORES
+# Columns of the console table: voxel overlap scores, then lesion-wise detection.
+TABLE_COLUMNS = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "recall": "Recall",
+    "precision": "Prec.",
+    "lesion_recall": "Lesion rec.",
+    "lesion_recall_small": "Small rec.",
+    "lesion_precision": "Lesion prec.",
+}
 
 
 def _as_float(value: Any) -> float:
@@ -17,22 +30,21 @@ def _as_float(value: Any) -> float:
 
 
 def metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str = "val", title: str | None = None) -> Table:
-    """A table with one row per region/class (and their mean) and one column per overlap score.
+    """A table with one row per region/class (and the mean of the overlap scores) and one column per metric.
 
     Args:
-        metrics: logged values keyed ``"<stage>/<score>_<name>"`` and ``"<stage>/<score>"`` (the mean).
+        metrics: logged values keyed ``"<stage>/<metric>_<name>"`` (and ``"<stage>/<score>"`` for the means).
         names: region/class names in row order.
     """
     table = Table(title=title or f"{stage} metrics", title_justify="left")
     table.add_column("region")
-    present = [s for s in SCORES if f"{stage}/{s}" in metrics]
-    for score in present:
-        table.add_column(score.capitalize() if score != "iou" else "IoU", justify="right")
+    columns = [c for c in TABLE_COLUMNS if any(f"{stage}/{c}_{n}" in metrics for n in names)]
+    for column in columns:
+        table.add_column(TABLE_COLUMNS[column], justify="right")
     for name in [*names, "mean"]:
-        suffix = "" if name == "mean" else f"_{name}"
         cells = []
-        for score in present:
-            value = metrics.get(f"{stage}/{score}{suffix}")
+        for column in columns:
+            value = metrics.get(f"{stage}/{column}" if name == "mean" else f"{stage}/{column}_{name}")
             cells.append("-" if value is None or math.isnan(_as_float(value)) else f"{_as_float(value):.4f}")
         table.add_row(name, *cells, style="bold" if name == "mean" else None)
     return table
@@ -46,3 +58,17 @@ def print_metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage:
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Tensors and numbers to plain floats (for JSON)."""
     return {k: _as_float(v) for k, v in metrics.items()}
+
+
+def write_csv_atomic(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Rows (dicts; columns in first-seen order) as CSV, written to a temporary file then renamed."""
+    path = Path(path)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Train a segmentation model: ``python -m medseg.train +experiment=<name> [key=value ...]``.
 
 The flow: compose the config (Hydra) -> data module -> model -> callbacks and loggers -> Trainer ->
-fit -> validate the best checkpoint -> print and save the metrics. ``train(cfg)`` is the whole job, so
+fit -> evaluate the best checkpoint on the validation cases -> print and save the metrics. ``train(cfg)`` is the whole job, so
 tests and sweeps call it directly; ``main`` only adds Hydra and readable errors.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -21,7 +22,8 @@ from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
 from medseg.data.layouts import BRATS_HELP, MSD_HELP, DatasetError
 from medseg.module import SegmentationModule
-from medseg.report import print_metrics_table, to_floats
+from medseg.metrics.cases import region_means
+from medseg.report import print_metrics_table, to_floats, write_csv_atomic
 
 log = logging.getLogger("medseg")
 DATA_HELP = {"brats": BRATS_HELP, "msd": MSD_HELP}
@@ -52,29 +54,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = to_floats(trainer.callback_metrics)
-    if cfg.get("validate_best") and datamodule.val_cases:
+    if cfg.get("evaluate_best") and datamodule.val_cases:
+        # The best checkpoint on the validation cases: metrics table, metrics.json, per-case CSV.
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update(to_floats(trainer.callback_metrics))
-        report(cfg, metrics, model.label_spec.names, best)
+        report(cfg, metrics, model, best)
     return metrics
 
 
 @rank_zero_only
 def save_config(cfg: DictConfig) -> None:
     """The resolved config next to the run's outputs (Hydra also keeps the unresolved one in .hydra/)."""
-    from pathlib import Path
-
     path = Path(cfg.paths.output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)
 
 
 @rank_zero_only
-def report(cfg: DictConfig, metrics: dict[str, float], names: tuple[str, ...], checkpoint: str) -> None:
-    print_metrics_table(metrics, names, "val", title=f"Validation metrics ({checkpoint or 'last weights'})")
-    write_json_atomic(f"{cfg.paths.output_dir}/metrics.json", {"checkpoint": checkpoint, "metrics": metrics})
-    log.info("Run folder: %s", cfg.paths.output_dir)
+def report(cfg: DictConfig, metrics: dict[str, float], model: SegmentationModule, checkpoint: str) -> None:
+    """Print the metrics table and write ``metrics.json`` and ``test_cases.csv`` into the run folder."""
+    out = Path(cfg.paths.output_dir)
+    print_metrics_table(metrics, model.label_spec.names, "test", title=f"Validation cases, {Path(checkpoint).name or 'last weights'}")
+    numeric = [k for k, v in (model.case_rows[0] if model.case_rows else {}).items() if isinstance(v, (int, float))]
+    summary = {"checkpoint": checkpoint, "metrics": metrics, "region_means": region_means(model.case_rows, numeric)}
+    write_json_atomic(out / "metrics.json", summary)
+    write_csv_atomic(model.case_rows, out / "test_cases.csv")
+    log.info("Run folder: %s (checkpoints/, metrics.json, test_cases.csv, csv/metrics.csv, tensorboard/)", out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -62,12 +62,12 @@ def test_training_smoke(brats_tree, tmp_path):
 
 def test_resume_continues_from_checkpoint(brats_tree, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    train(tiny_run(brats_tree, first, "trainer.max_epochs=2", "validate_best=false"))
+    train(tiny_run(brats_tree, first, "trainer.max_epochs=2", "evaluate_best=false"))
     last = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["epoch"] == 1
     steps_per_epoch = last["global_step"] // 2
 
-    train(tiny_run(brats_tree, second, "trainer.max_epochs=3", "validate_best=false", f"ckpt_path={first}/checkpoints/last.ckpt"))
+    train(tiny_run(brats_tree, second, "trainer.max_epochs=3", "evaluate_best=false", f"ckpt_path={first}/checkpoints/last.ckpt"))
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
     assert len(epoch_losses(second)) == 1  # only the third epoch was trained again

@@ -1,0 +1,69 @@
+"""Per-case metric rows (one per case and region) for the test-time CSV, gathered across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from medseg.metrics.distance import hausdorff_distance_95
+from medseg.metrics.lesion import lesion_metrics
+from medseg.metrics.voxel import confusion_counts, overlap_scores
+
+
+def case_rows(
+    cases: Sequence[str] | None,
+    pred: Tensor,
+    target: Tensor,
+    spacing: Tensor | None,
+    names: Sequence[str],
+    lesion_options: Mapping[str, Any] | None = None,
+    empty_score: float = 1.0,
+) -> list[dict[str, Any]]:
+    """One row per case and region: voxel scores, HD95 (mm), lesion-wise metrics.
+
+    Args:
+        cases: case ids of the batch (``None``: numbered ``case0``, ``case1``, ...).
+        pred, target: binary ``(B, R, *spatial)``.
+        spacing: ``(B, 3)`` voxel spacing in mm (``None``: 1 mm).
+        names: region names, one per channel.
+        lesion_options: options of :func:`medseg.metrics.lesion.lesion_metrics`; ``None`` skips lesion columns.
+    """
+    scores = overlap_scores(confusion_counts(pred, target), empty_score)  # each (B, R)
+    spacings = spacing.tolist() if spacing is not None else [[1.0, 1.0, 1.0]] * pred.shape[0]
+    rows = []
+    for b in range(pred.shape[0]):
+        p, t = pred[b].cpu().numpy(), target[b].cpu().numpy()
+        for r, name in enumerate(names):
+            row: dict[str, Any] = {"case": cases[b] if cases else f"case{b}", "region": name}
+            row.update({score: float(values[b, r]) for score, values in scores.items()})
+            row["reference_voxels"], row["predicted_voxels"] = int(t[r].sum()), int(p[r].sum())
+            row["hd95_mm"] = hausdorff_distance_95(p[r], t[r], spacing=spacings[b])
+            if lesion_options is not None:
+                row.update(lesion_metrics(p[r], t[r], spacing=spacings[b], **lesion_options))
+            rows.append(row)
+    return rows
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of every process, in rank order (the rows themselves when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in (part or [])]
+
+
+def region_means(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean of each numeric column per region over cases (NaN values left out)."""
+    means: dict[str, dict[str, float]] = {}
+    for region in dict.fromkeys(r["region"] for r in rows):
+        subset = [r for r in rows if r["region"] == region]
+        means[region] = {}
+        for column in columns:
+            values = torch.tensor([float(r[column]) for r in subset if column in r], dtype=torch.float64)
+            means[region][column] = float(values.nanmean()) if len(values) else float("nan")
+    return means
