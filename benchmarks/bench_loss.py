@@ -22,6 +22,10 @@ Usage::
     python benchmarks/bench_loss.py                 # full size (about a minute on 2 CPU cores)
     python benchmarks/bench_loss.py --quick         # tiny shapes, a few seconds (used by the tests)
     python benchmarks/bench_loss.py --out bench.json --repeats 7 --device cuda
+    python benchmarks/bench_loss.py --threads 1     # steadier CPU timings on a machine shared with others
+
+On a loaded machine every multi-threaded op may wait for a descheduled worker thread (milliseconds), which
+adds noise to both implementations; ``--threads 1`` measures the arithmetic alone.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def _cpu_peak(run: Callable[[], object]) -> int | None:
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
             event = stack.pop()
-            if event.tag == _EventType.Allocation and event.extra_fields.device_type == torch.device("cpu").type:
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
                 events.append((event.start_time_ns, event.extra_fields.alloc_size))
             stack.extend(event.children)
     except (AttributeError, ImportError, RuntimeError) as error:  # a torch without this API

@@ -6,8 +6,8 @@ them from ONE activation (log-sigmoid or log-softmax) in a single pass, and its 
 activation and writes the gradient from closed-form expressions, so that:
 
 - no intermediate full-size tensor is kept for backward (only the logits and the target, which exist
-  anyway), and the temporaries live for one chunk of the volume at a time: peak memory is the gradient
-  plus a few MB;
+  anyway; int64 class indices in softmax mode), and the temporaries live for one chunk of the volume at a
+  time: peak memory is the gradient plus a few MB;
 - the arithmetic is float32 (float64 for float64 logits) whatever the logits' dtype, chunk by chunk, so
   bf16 logits are never copied whole to float32.
 

@@ -21,7 +21,8 @@ class DeepSupervisionLoss(nn.Module):
       compared with the full target;
     - a list/tuple of logits ``(B, C, *spatial_i)`` at decreasing resolutions, the full-size one first;
       the target is downsampled with nearest-neighbour interpolation to each size;
-    - plain logits ``(B, C, *spatial)`` (e.g. the same network in eval mode): the wrapped loss alone.
+    - plain logits ``(B, C, *spatial)`` (e.g. the same network in eval mode, as in validation): the
+      wrapped loss alone, whatever ``weights`` says.
 
     Output ``i`` (0 = full resolution) weighs ``w_i = 2^{-i} / \sum_j 2^{-j}`` (weights summing to 1;
     nnU-Net additionally zeroes the lowest resolution's weight: pass ``weights`` to do the same).
@@ -62,6 +63,10 @@ class DeepSupervisionLoss(nn.Module):
 
     def forward_with_terms(self, input: Tensor | Sequence[Tensor], target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total and the weighted sum of the wrapped loss's parts (if it has any)."""
+        if self._plain(input):  # one output (eval mode): the wrapped loss alone, whatever the weights
+            if hasattr(self.loss, "forward_with_terms"):
+                return self.loss.forward_with_terms(input, target)
+            return self.loss(input, target), {}
         outputs = self._outputs(input)
         total: Tensor | float = 0.0
         parts: dict[str, Tensor] = {}
@@ -78,17 +83,17 @@ class DeepSupervisionLoss(nn.Module):
 
     def forward(self, input: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
         """The weighted total (a scalar)."""
-        outputs = self._outputs(input)
-        if len(outputs) == 1 and self.weights is None:
-            return self.loss(outputs[0], target)
-        return self.forward_with_terms(outputs, target)[0]
+        if self._plain(input):
+            return self.loss(input, target)
+        return self.forward_with_terms(input, target)[0]
+
+    def _plain(self, input: Tensor | Sequence[Tensor]) -> bool:
+        return isinstance(input, Tensor) and input.ndim == self.spatial_dims + 2  # (B, C, *spatial)
 
     def _outputs(self, input: Tensor | Sequence[Tensor]) -> list[Tensor]:
         if isinstance(input, Tensor):
             if input.ndim == self.spatial_dims + 3:  # (B, S, C, *spatial)
                 return list(input.unbind(1))
-            if input.ndim == self.spatial_dims + 2:  # (B, C, *spatial)
-                return [input]
             raise ValueError(
                 f"expected logits (B, C, *spatial) or stacked (B, S, C, *spatial) with {self.spatial_dims} spatial axes, "
                 f"got shape {tuple(input.shape)}"
