@@ -136,7 +136,8 @@ def alpha_weights(alpha: Tensor | None, mode: Mode, channels: int, like: Tensor)
     return alpha, ones
 
 
-def _first_channel(mode: Mode, include_background: bool, channels: int) -> int:
+def _first_channel(include_background: bool, channels: int) -> int:
+    """0, or 1 when channel 0 is excluded (which needs at least 2 channels)."""
     if include_background:
         return 0
     if channels < 2:
@@ -147,7 +148,7 @@ def _first_channel(mode: Mode, include_background: bool, channels: int) -> int:
 def reduce_focal(stats: RegionStats, mode: Mode, alpha: Tensor | None, include_background: bool, reduction: str) -> Tensor:
     """Reduce the fused focal sums ``(B, C)`` to the ``"mean"`` or ``"sum"`` focal loss (a scalar)."""
     batch, channels = stats.focal_pos.shape
-    first = _first_channel(mode, include_background, channels)
+    first = _first_channel(include_background, channels)
     w_pos, w_neg = alpha_weights(alpha, mode, channels, stats.focal_pos)
     per_channel = w_pos * stats.focal_pos  # (B, C)
     if mode == "sigmoid":
@@ -169,7 +170,7 @@ def focal_elementwise(batch: Batch, mode: Mode, gamma: float, alpha: Tensor | No
     dtype = compute_dtype(batch.logits.dtype)
     x = batch.logits.to(dtype)  # (B, C, N)
     channels = x.shape[1]
-    first = _first_channel(mode, include_background, channels)
+    first = _first_channel(include_background, channels)
     w_pos, w_neg = alpha_weights(alpha, mode, channels, x)
     if mode == "sigmoid":
         t = batch.target.to(dtype)  # (B, C, N)
