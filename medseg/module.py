@@ -16,7 +16,7 @@ from medseg.metrics.cases import case_rows, gather_rows
 from medseg.metrics.lesion import LesionMetrics
 from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
 
-# Lesion-wise values logged every validation (besides the per-bucket recalls); counts go to the case table.
+# Lesion-wise values logged every validation, besides per-bucket recalls and reference-lesion counts.
 LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_dice")
 
 
@@ -130,7 +130,7 @@ class SegmentationModule(L.LightningModule):
         if self.lesion_metrics is not None:
             for name, metric in self.lesion_metrics[stage].items():
                 lesion = metric.compute()
-                logged.update({f"{stage}/{k}_{name}": v.float() for k, v in lesion.items() if k in LOGGED_LESION_KEYS or k.startswith("lesion_recall_")})
+                logged.update({f"{stage}/{k}_{name}": v.float() for k, v in lesion.items() if k in LOGGED_LESION_KEYS or k.startswith(("lesion_recall_", "n_ref_lesions_"))})
                 metric.reset()
         self.log_dict({k: v for k, v in logged.items() if k != f"{stage}/dice"})
         self.log(f"{stage}/dice", values["dice"], prog_bar=True)

@@ -45,6 +45,9 @@ def metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str =
         cells = []
         for column in columns:
             value = metrics.get(f"{stage}/{column}" if name == "mean" else f"{stage}/{column}_{name}")
+            if column.startswith("lesion_recall_"):  # a bucket without reference lesions has no recall to show
+                count = metrics.get(f"{stage}/n_ref_lesions_{column.removeprefix('lesion_recall_')}_{name}")
+                value = None if count is not None and _as_float(count) == 0 else value
             cells.append("-" if value is None or math.isnan(_as_float(value)) else f"{_as_float(value):.4f}")
         table.add_row(name, *cells, style="bold" if name == "mean" else None)
     return table

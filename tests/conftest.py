@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
-
-# Two cores on CI: keep torch from oversubscribing them when pytest runs subprocesses.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}

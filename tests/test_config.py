@@ -30,8 +30,8 @@ def test_every_experiment_composes_and_builds(experiment, tmp_path):
     cfg = compose("train", [f"+experiment={experiment}", f"paths.output_dir={tmp_path}", "data.root=/some/data"])
     assert cfg.task_name == experiment
     model = build_model(cfg)
-    x = torch.zeros(1, cfg.data.in_channels, *[16] * 3)
-    assert model(x).shape == (1, cfg.data.out_channels, 16, 16, 16)
+    x = torch.zeros(1, cfg.data.in_channels, *[32] * 3)
+    assert model(x).shape == (1, cfg.data.out_channels, 32, 32, 32)
 
 
 def test_brats_experiment_outputs_three_sigmoid_regions(tmp_path):
@@ -47,7 +47,7 @@ def test_hippocampus_experiment_is_softmax_with_background(tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_network_config(model, tmp_path):
-    cfg = compose("train", ["+experiment=demo", f"model={model}", f"paths.output_dir={tmp_path}"])
+    cfg = compose("train", [f"model={model}", f"paths.output_dir={tmp_path}", "data.root=/x"])
     net = instantiate(cfg.model.net)
     assert net(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
 

@@ -46,8 +46,14 @@ def test_training_smoke(brats_tree, tmp_path):
     losses = epoch_losses(tmp_path)
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, f"loss did not fall: {losses}"
-    for key in ("val/dice", "val/dice_wt", "val/dice_tc", "val/dice_et", "val/iou_wt", "val/recall_et"):
-        assert 0.0 <= metrics[key] <= 1.0
+    for key in ("val/dice", "val/dice_wt", "val/dice_tc", "val/dice_et", "val/iou_wt", "val/recall_et", "val/lesion_recall_et", "val/lesion_recall_large_wt", "val/lesion_dice_tc", "test/dice_et"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    header = (tmp_path / "csv" / "metrics.csv").open().readline()
+    assert "train/loss_focal" in header and "train/loss_dice" in header  # the parts of focal + Dice
+    cases = list(csv.DictReader((tmp_path / "test_cases.csv").open()))
+    assert len(cases) == 2 * 3  # two validation cases, three regions
+    assert {"case", "region", "dice", "hd95_mm", "lesion_recall", "n_ref_lesions_small", "detected_large"} <= set(cases[0])
+    assert {r["case"] for r in cases} == set(json.loads((tmp_path / "split.json").read_text())["val"])
     for name in ("config.yaml", "split.json", "metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv"):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -64,13 +70,15 @@ def test_resume_continues_from_checkpoint(brats_tree, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train(tiny_run(brats_tree, first, "trainer.max_epochs=2", "evaluate_best=false"))
     last = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert last["epoch"] == 1
+    assert last["epoch"] == 2  # epochs completed
     steps_per_epoch = last["global_step"] // 2
 
     train(tiny_run(brats_tree, second, "trainer.max_epochs=3", "evaluate_best=false", f"ckpt_path={first}/checkpoints/last.ckpt"))
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
-    assert len(epoch_losses(second)) == 1  # only the third epoch was trained again
+    assert resumed["epoch"] == 3 and resumed["global_step"] == 3 * steps_per_epoch
+    rows = list(csv.DictReader((second / "csv" / "metrics.csv").open()))
+    assert {int(r["epoch"]) for r in rows if r["epoch"]} == {2}  # only the third epoch was trained again
+    assert min(int(r["step"]) for r in rows) == 2 * steps_per_epoch
     assert resumed["optimizer_states"][0]["state"], "optimizer state was not restored"
 
 
