@@ -37,7 +37,7 @@ def metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str =
         names: region/class names in row order.
     """
     table = Table(title=title or f"{stage} metrics", title_justify="left")
-    table.add_column("region")
+    table.add_column("region", no_wrap=True)
     columns = [c for c in TABLE_COLUMNS if any(f"{stage}/{c}_{n}" in metrics for n in names)]
     for column in columns:
         table.add_column(TABLE_COLUMNS[column], justify="right")
