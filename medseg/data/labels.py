@@ -139,20 +139,25 @@ class ConvertLabelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             label = torch.as_tensor(d[key])
-            values = torch.unique(label)
-            if not torch.equal(values, values.round()):
-                raise ValueError(f"{_source_name(d, key)}: expected integer label values, got non-integers such as {values[values != values.round()][:3].tolist()}")
-            unexpected = sorted(set(values.long().tolist()) - set(self.spec.values))
-            if unexpected:
-                raise ValueError(
-                    f"{_source_name(d, key)}: unexpected label values {unexpected}; expected a subset of "
-                    f"{list(self.spec.values)} (set data.labels.values if the dataset uses another convention)"
-                )
+            check_label_values(label, self.spec, _source_name(d, key))
             converted = self.spec.to_target(label)
             if isinstance(d[key], MetaTensor):  # keep the geometry and transform history for inversion
                 converted = MetaTensor(converted, meta=d[key].meta, applied_operations=d[key].applied_operations)
             d[key] = converted
         return d
+
+
+def check_label_values(label: torch.Tensor, spec: LabelSpec, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` when ``label`` holds non-integers or values outside ``spec.values``."""
+    values = torch.unique(label)
+    if not torch.equal(values, values.round()):
+        raise ValueError(f"{source}: expected integer label values, got non-integers such as {values[values != values.round()][:3].tolist()}")
+    unexpected = sorted(set(values.long().tolist()) - set(spec.values))
+    if unexpected:
+        raise ValueError(
+            f"{source}: unexpected label values {unexpected}; expected a subset of "
+            f"{list(spec.values)} (set data.labels.values if the dataset uses another convention)"
+        )
 
 
 def region_sizes(spec: LabelSpec, label: np.ndarray) -> dict[str, int]:

@@ -184,3 +184,28 @@ def find_cases(layout: Literal["brats", "msd"], root: str | Path, **kwargs: Any)
         kwargs.pop("modalities", None)  # MSD lists its channels in dataset.json
         return read_msd_datalist(root, **kwargs)
     raise ValueError(f"expected data.layout to be 'brats' or 'msd', got {layout!r}")
+
+
+def find_label_files(root: str | Path) -> dict[str, str]:
+    """Reference label files by case id, for evaluation.
+
+    ``root`` may be an MSD task (``dataset.json``: its training labels), a BraTS-layout tree (``CASE/CASE_seg``)
+    or a flat folder of ``<case>.nii.gz`` label files.
+
+    Raises:
+        DatasetError: ``root`` is missing or holds no label file.
+    """
+    root = Path(root).expanduser().resolve()
+    if root.suffix == ".json" or (root / "dataset.json").is_file():
+        return {c["case"]: c["label"] for c in read_msd_datalist(root) if c["label"]}
+    if not root.is_dir():
+        raise DatasetError(f"reference folder {str(root)!r} does not exist or is not a folder")
+    labels = {}
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and (seg := _brats_file(path, path.name, "seg")) is not None:
+            labels[path.name] = str(seg)
+        elif path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith("."):
+            labels[_strip_nifti_suffix(path.name)] = str(path)
+    if not labels:
+        raise DatasetError(f"reference folder {str(root)!r} holds no label files (<case>.nii.gz, CASE/CASE_seg.nii.gz or dataset.json)")
+    return labels

@@ -1,0 +1,118 @@
+"""Pictures of results: per-case Dice by region, lesion detection recall by lesion size.
+
+Every function takes plain data (rows of the per-case table written by training and ``medseg.evaluate``)
+and returns a matplotlib ``Figure``; :func:`save_figure` writes it atomically. The non-interactive Agg
+backend is used unless one was chosen already, so this works on headless machines and in notebooks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+if "MPLBACKEND" not in os.environ and not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "qt", "tk")):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+Row = Mapping[str, Any]
+
+
+def _regions(rows: Sequence[Row]) -> list[str]:
+    return list(dict.fromkeys(str(r["region"]) for r in rows))
+
+
+def plot_case_dice(rows: Sequence[Row], title: str = "Dice per case") -> Figure:
+    """Per-case Dice of every region: one box and the individual cases as dots.
+
+    Args:
+        rows: per-case rows with ``case``, ``region`` and ``dice``.
+    """
+    regions = _regions(rows)
+    values = [[float(r["dice"]) for r in rows if r["region"] == region] for region in regions]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(regions), 4))
+    ax.boxplot(values, showfliers=False)
+    ax.set_xticks(range(1, len(regions) + 1), regions)
+    jitter = np.random.default_rng(0)
+    for i, v in enumerate(values, start=1):
+        ax.scatter(i + jitter.uniform(-0.12, 0.12, len(v)), v, s=12, alpha=0.7, color="tab:blue")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("Dice")
+    ax.set_title(f"{title} ({len(values[0]) if values else 0} cases)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def recall_by_size(rows: Sequence[Row], bucket_names: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Detected and reference lesion counts per region and size bucket, pooled over cases.
+
+    Returns:
+        ``{region: {bucket: (detected, n_ref_lesions)}}``.
+    """
+    pooled: dict[str, dict[str, tuple[int, int]]] = {}
+    for region in _regions(rows):
+        subset = [r for r in rows if r["region"] == region]
+        pooled[region] = {
+            b: (sum(int(float(r.get(f"detected_{b}", 0))) for r in subset), sum(int(float(r.get(f"n_ref_lesions_{b}", 0))) for r in subset))
+            for b in bucket_names
+        }
+    return pooled
+
+
+def bucket_labels(bucket_names: Sequence[str], edges_mm3: Sequence[float] | None) -> list[str]:
+    """Tick labels such as ``small\n< 50 mm³``, ``medium\n50-500 mm³``, ``large\n>= 500 mm³``."""
+    if edges_mm3 is None or len(edges_mm3) != len(bucket_names) - 1:
+        return list(bucket_names)
+    e = [f"{float(x):g}" for x in edges_mm3]
+    ranges = [f"< {e[0]}", *[f"{a}-{b}" for a, b in zip(e, e[1:])], f">= {e[-1]}"]
+    return [f"{name}\n{r} mm³" for name, r in zip(bucket_names, ranges)]
+
+
+def plot_recall_by_size(
+    rows: Sequence[Row],
+    bucket_names: Sequence[str] = ("small", "medium", "large"),
+    edges_mm3: Sequence[float] | None = (50.0, 500.0),
+    title: str = "Lesion detection recall by lesion size",
+) -> Figure:
+    """Bars of pooled lesion detection recall per size bucket and region, annotated ``detected/total``.
+
+    Buckets without reference lesions are left empty (no bar, "none") rather than drawn as a perfect score.
+    """
+    pooled = recall_by_size(rows, bucket_names)
+    regions = list(pooled)
+    width = 0.8 / max(1, len(regions))
+    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(bucket_names), 4))
+    x = np.arange(len(bucket_names))
+    for i, region in enumerate(regions):
+        counts = [pooled[region][b] for b in bucket_names]
+        recall = [d / n if n else np.nan for d, n in counts]
+        bars = ax.bar(x + (i - (len(regions) - 1) / 2) * width, np.nan_to_num(recall), width, label=region)
+        for bar, (d, n) in zip(bars, counts):
+            label = f"{d}/{n}" if n else "none"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, bucket_labels(bucket_names, edges_mm3))
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("detected / reference lesions")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write a figure as PNG atomically (temporary file, then rename) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
