@@ -19,6 +19,8 @@ if "MPLBACKEND" not in os.environ and not matplotlib.get_backend().lower().start
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import cc3d  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 Row = Mapping[str, Any]
@@ -116,3 +118,95 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+# Axes of a RAS-ordered array (x: left->right, y: posterior->anterior, z: inferior->superior) and the plane
+# that fixes each one.
+PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
+MISSED_COLOR = ListedColormap(["gold"])
+
+
+def missed_lesions(prediction: np.ndarray, reference: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """Binary mask of the reference lesions (connected components) that no predicted voxel touches."""
+    components = cc3d.connected_components(reference.astype(bool), connectivity=connectivity)  # (X, Y, Z) ids
+    hit = np.unique(components[prediction.astype(bool)])
+    return (components > 0) & ~np.isin(components, hit)
+
+
+def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2D slice of a ``(X, Y, Z)`` RAS volume at ``index`` along ``axis``, transposed for display."""
+    return np.take(volume, index, axis=axis).T
+
+
+def plot_overlays(
+    images: Mapping[str, np.ndarray],
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    center: Sequence[int],
+    missed: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str = "",
+) -> Figure:
+    """Every modality on axial, coronal and sagittal slices through ``center``, with outlines.
+
+    Args:
+        images: modality name -> ``(X, Y, Z)`` volume in RAS order (e.g. ``nib.as_closest_canonical``).
+        reference: binary ``(X, Y, Z)`` reference mask, outlined in green.
+        prediction: binary ``(X, Y, Z)`` predicted mask, outlined in red.
+        center: voxel ``(x, y, z)`` the three slices pass through (a lesion's centroid).
+        missed: optional binary ``(X, Y, Z)`` mask of missed reference lesions, filled in gold.
+        spacing: voxel size in mm along x, y, z, so that anisotropic volumes are drawn to scale.
+    """
+    shape = reference.shape
+    if prediction.shape != shape or any(v.shape != shape for v in images.values()):
+        raise ValueError(f"expected images, reference and prediction of one shape {shape}, got {[v.shape for v in images.values()]} and {prediction.shape}")
+    center = [int(round(c)) for c in center]
+    fig, axes = plt.subplots(len(images), 3, figsize=(9.5, 3.1 * len(images)), squeeze=False)
+    for row, (name, volume) in enumerate(images.items()):
+        for col, (plane, axis) in enumerate(PLANES.items()):
+            ax = axes[row][col]
+            horizontal, vertical = (a for a in range(3) if a != axis)
+            aspect = spacing[vertical] / spacing[horizontal]
+            ax.imshow(_plane(volume, axis, center[axis]), cmap="gray", origin="lower", aspect=aspect)
+            if missed is not None and _plane(missed, axis, center[axis]).any():
+                ax.imshow(np.ma.masked_equal(_plane(missed, axis, center[axis]).astype(float), 0), cmap=MISSED_COLOR, alpha=0.6, origin="lower", aspect=aspect)
+            for mask, color in ((reference, "lime"), (prediction, "red")):
+                section = _plane(mask, axis, center[axis]).astype(float)
+                if section.any():
+                    ax.contour(section, levels=[0.5], colors=color, linewidths=0.9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"{plane} {center[axis]}")
+            if col == 0:
+                ax.set_ylabel(name)
+    handles = [plt.Line2D([], [], color="lime", label="reference"), plt.Line2D([], [], color="red", label="prediction")]
+    if missed is not None:
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="gold", label="missed lesion"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig
+
+
+def lesions_html(rows: Sequence[Row], columns: Sequence[str] = ("id", "volume_mm3", "bucket", "detected", "lesion_dice", "centroid")) -> str:
+    """An HTML table of per-lesion rows (:func:`medseg.metrics.lesion.lesion_table`), missed lesions in red."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+        if isinstance(value, (tuple, list, np.ndarray)):
+            return "(" + ", ".join(f"{float(v):.0f}" for v in value) + ")"
+        return str(value)
+
+    head = "".join(f"<th>{c}</th>" for c in columns)
+    body = "".join(
+        f"<tr style=\"{'background-color:#f8d0d0' if not r.get('detected', True) else ''}\">" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def worst_cases(rows: Sequence[Row], region: str | None = None, metric: str = "dice", n: int = 5) -> list[Row]:
+    """The ``n`` rows with the lowest ``metric`` (of one region, or of all), worst first."""
+    chosen = [r for r in rows if region is None or r["region"] == region]
+    return sorted(chosen, key=lambda r: float(r[metric]))[:n]
