@@ -1,6 +1,7 @@
 # Set-up and everyday commands. The first target that needs the environment creates it.
 #   make demo    train on a generated BraTS-like dataset (CPU, a few minutes)
 #   make test    run the test suite
+#   make notebook  execute the inspection notebook against the demo's checkpoint
 # CUDA users: make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast notebook clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Execute notebooks/inspect_predictions.ipynb headless against the newest demo checkpoint (run make demo first);
+# the executed copy is written to outputs/notebooks/.
+notebook: $(STAMP)
+	$(BIN)/python -m medseg.run_notebook notebooks/inspect_predictions.ipynb --out outputs/notebooks
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,4 +1,5 @@
-"""Pictures of results: per-case Dice by region, lesion detection recall by lesion size.
+"""Pictures of results: per-case Dice by region, lesion detection recall by lesion size, overlays of a
+case's modalities with reference and predicted outlines, and the loader the inspection notebook uses.
 
 Every function takes plain data (rows of the per-case table written by training and ``medseg.evaluate``)
 and returns a matplotlib ``Figure``; :func:`save_figure` writes it atomically. The non-interactive Agg
@@ -7,8 +8,11 @@ backend is used unless one was chosen already, so this works on headless machine
 
 from __future__ import annotations
 
+import csv
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,8 @@ if "MPLBACKEND" not in os.environ and not matplotlib.get_backend().lower().start
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import cc3d  # noqa: E402
+import nibabel as nib  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -189,24 +195,127 @@ def plot_overlays(
     return fig
 
 
-def lesions_html(rows: Sequence[Row], columns: Sequence[str] = ("id", "volume_mm3", "bucket", "detected", "lesion_dice", "centroid")) -> str:
-    """An HTML table of per-lesion rows (:func:`medseg.metrics.lesion.lesion_table`), missed lesions in red."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-        if isinstance(value, (tuple, list, np.ndarray)):
-            return "(" + ", ".join(f"{float(v):.0f}" for v in value) + ")"
-        return str(value)
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return "(" + ", ".join(f"{float(v):.0f}" for v in value) + ")"
+    return str(value)
 
+
+def rows_html(rows: Sequence[Row], columns: Sequence[str], highlight: Callable[[Row], bool] | None = None) -> str:
+    """An HTML table of ``rows`` (dicts) for notebooks; rows where ``highlight(row)`` is true in red."""
     head = "".join(f"<th>{c}</th>" for c in columns)
     body = "".join(
-        f"<tr style=\"{'background-color:#f8d0d0' if not r.get('detected', True) else ''}\">" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>"
+        f"<tr style=\"{'background-color:#f8d0d0' if highlight and highlight(r) else ''}\">" + "".join(f"<td>{_cell(r.get(c, ''))}</td>" for c in columns) + "</tr>"
         for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def lesions_html(rows: Sequence[Row], columns: Sequence[str] = ("id", "volume_mm3", "bucket", "detected", "lesion_dice", "centroid")) -> str:
+    """Per-lesion rows (:func:`medseg.metrics.lesion.lesion_table`) as HTML, missed lesions in red."""
+    return rows_html(rows, columns, highlight=lambda r: not r.get("detected", True))
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (``test_cases.csv``, ``evaluation.csv``) as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def worst_cases(rows: Sequence[Row], region: str | None = None, metric: str = "dice", n: int = 5) -> list[Row]:
     """The ``n`` rows with the lowest ``metric`` (of one region, or of all), worst first."""
     chosen = [r for r in rows if region is None or r["region"] == region]
     return sorted(chosen, key=lambda r: float(r[metric]))[:n]
+
+
+@dataclass
+class Inspection:
+    """One case with its reference and a model's prediction, in RAS voxel order, ready to draw.
+
+    Attributes:
+        case: case id.
+        images: modality -> ``(X, Y, Z)`` volume.
+        reference, prediction: binary ``(X, Y, Z)`` masks of ``region``.
+        spacing: voxel size in mm.
+        lesions: one row per reference lesion (:func:`medseg.metrics.lesion.lesion_table`).
+        run_dir: the training run folder of the checkpoint (holds ``test_cases.csv``).
+    """
+
+    case: str
+    region: str
+    images: dict[str, np.ndarray]
+    reference: np.ndarray
+    prediction: np.ndarray
+    spacing: tuple[float, ...]
+    lesions: list[dict[str, Any]]
+    run_dir: Path
+
+    @property
+    def missed(self) -> np.ndarray:
+        """Reference lesions the prediction does not touch, ``(X, Y, Z)``."""
+        return missed_lesions(self.prediction, self.reference)
+
+
+def latest_checkpoint(log_dir: str | Path = "outputs/demo") -> Path:
+    """The best checkpoint (``epoch*.ckpt``, else ``last.ckpt``) of the newest run under ``log_dir``.
+
+    Raises:
+        FileNotFoundError: saying how to make one (``make demo``).
+    """
+    runs = sorted(Path(log_dir).glob("runs/*/checkpoints"), key=lambda p: p.stat().st_mtime)
+    for folder in reversed(runs):
+        found = sorted(folder.glob("epoch*.ckpt")) or sorted(folder.glob("last.ckpt"))
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no checkpoint under {str(log_dir)!r}/runs/*/checkpoints: run `make demo` first, or pass a checkpoint path")
+
+
+def _canonical(path: str) -> nib.Nifti1Image:
+    return nib.as_closest_canonical(nib.load(path))
+
+
+def load_inspection(checkpoint: str | Path, case: str | None = None, region: str | None = None, workdir: str | Path | None = None) -> Inspection:
+    """Predict one case of a checkpoint's dataset with ``medseg.predict`` and load it for drawing.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``medseg.train``.
+        case: case id; default: the first validation case of the run's ``split.json``.
+        region: region or class name; default: the last one (BraTS: ET, the smallest lesions).
+        workdir: where the prediction file is written (default: ``<run>/inspection``).
+    """
+    from medseg.config import compose
+    from medseg.data.labels import LabelSpec
+    from medseg.data.layouts import find_cases
+    from medseg.metrics.lesion import lesion_table
+    from medseg.predict import predict
+
+    checkpoint = Path(checkpoint)
+    config = torch.load(checkpoint, map_location="cpu", weights_only=True)["medseg_config"]
+    data, run_dir = config["data"], checkpoint.parent.parent
+    spec = LabelSpec.from_config(data["labels"])
+    records = {r["case"]: r for r in find_cases(data["layout"], data["root"], modalities=data.get("modalities") or ())}
+    split = run_dir / "split.json"
+    case = case or (json.loads(split.read_text())["val"][0] if split.is_file() else next(iter(records)))
+    if case not in records:
+        raise ValueError(f"expected a case of {data['root']}, got {case!r}")
+    region = region or spec.names[-1]
+    if region not in spec.names:
+        raise ValueError(f"expected a region in {list(spec.names)}, got {region!r}")
+    record, out = records[case], Path(workdir or run_dir / "inspection")
+    files = "[" + ",".join(record["image"]) + "]"
+    predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}"]))
+    predicted = sorted(out.glob("*.nii.gz"), key=lambda p: p.stat().st_mtime)[-1]
+
+    channel = spec.names.index(region)
+    def mask(path: str) -> np.ndarray:
+        target = spec.to_target(torch.from_numpy(np.asarray(_canonical(path).dataobj))[None])
+        return (target[channel] > 0.5 if spec.mode == "sigmoid" else target[0] == channel + 1).numpy()
+
+    names = data.get("modalities") if data["layout"] == "brats" else [f"channel {i}" for i in range(len(record["image"]))]
+    images = {str(n): np.asarray(_canonical(f).dataobj, dtype=np.float32) for n, f in zip(names, record["image"])}
+    reference, prediction = mask(record["label"]), mask(str(predicted))
+    spacing = tuple(float(z) for z in _canonical(record["label"]).header.get_zooms()[:3])
+    lesions = lesion_table(prediction, reference, spacing)
+    return Inspection(case, region, images, reference, prediction, spacing, lesions, run_dir)
