@@ -1,0 +1,499 @@
+"""Segment new scans with a trained checkpoint: ``python -m medseg.predict ckpt_path=... input=... output=...``.
+
+The flow per case: load the channels -> the training preprocessing, rebuilt from the config saved in the
+checkpoint (RAS orientation, optional resampling, foreground crop, normalisation) -> sliding-window
+inference, optionally averaged over flips (test-time augmentation) -> probabilities mapped back to the
+input's own voxel grid by inverting the preprocessing (MONAI records every spatial step on the image's
+MetaTensor) -> threshold (sigmoid) or argmax (softmax) -> removal of small connected components ->
+dataset labels (BraTS 0/1/2/4, MSD class values) -> ``<output>/<case>.nii.gz`` with the input's shape,
+affine and header, written atomically. ``predict(cfg)`` is the whole job; ``main`` adds Hydra and
+readable errors. A case that fails is reported and the others still run; ``<output>/predictions.json``
+lists each case's output file or error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from copy import deepcopy
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cc3d
+import hydra
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from medseg.config import ConfigError, check_required, register_resolvers
+from medseg.data.datamodule import write_json_atomic
+from medseg.data.labels import LabelSpec
+from medseg.data.layouts import (
+    BRATS_2023_NAMES,
+    NIFTI_SUFFIXES,
+    CaseRecord,
+    DatasetError,
+    _brats_file,
+    find_brats_cases,
+    read_msd_datalist,
+)
+from medseg.data.transforms import IMAGE, preprocessing
+from medseg.module import SegmentationModule
+
+log = logging.getLogger("medseg")
+PRED = "pred"
+SUMMARY_NAME = "predictions.json"
+PROBABILITY_DIR = "probabilities"
+REQUIRED_HELP = {
+    "ckpt_path": "ckpt_path is a checkpoint written by medseg.train (outputs/<task>/runs/<run>/checkpoints/last.ckpt).",
+    "input": "input is a case folder, a BraTS root, an MSD task folder or dataset.json, or a list of NIfTI files.",
+    "output": "output is the folder for the predicted label files.",
+}
+
+
+def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> tuple[SegmentationModule, DictConfig]:
+    """The trained module and its training config, from a checkpoint written by ``medseg.train``.
+
+    Args:
+        ckpt_path: the ``.ckpt`` file.
+        inferer: sliding-window options replacing the checkpoint's ``model.inferer`` values (``None``
+            values are ignored).
+
+    Returns:
+        The module in eval mode on the CPU, and the resolved training config.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, lacks the saved config, or its weights do not fit it.
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: ckpt_path={str(path)!r}; pass a .ckpt file of a training run (outputs/<task>/runs/<run>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors all mean "not a readable checkpoint"
+        raise ConfigError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {_first_line(err)}") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("medseg_config"), dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {str(path)!r} has no saved training config ('medseg_config') and weights; expected a checkpoint written by medseg.train")
+    cfg = OmegaConf.create(checkpoint["medseg_config"])
+    overrides = {k: v for k, v in (inferer or {}).items() if v is not None}
+    if overrides:
+        cfg.model.inferer = OmegaConf.merge(cfg.model.inferer, overrides)
+    from medseg.train import build_model  # here, so that importing this module stays light
+
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise ConfigError(f"checkpoint {str(path)!r}: the weights do not fit the network of its saved config: {_first_line(err)}") from err
+    return model.eval(), cfg
+
+
+class InputCases(NamedTuple):
+    """What the ``input`` key names: the cases, the folders the output must differ from, and the BraTS
+    root when ``input`` is one (a folder inside it would look like a case folder to later runs)."""
+
+    cases: list[CaseRecord]
+    folders: list[Path]
+    brats_root: Path | None = None
+
+
+def find_input_cases(source: Any, modalities: list[str] | tuple[str, ...], data_section: str = "auto") -> InputCases:
+    """The cases named by the ``input`` key, and the folders they live in.
+
+    Args:
+        source: a BraTS case folder (``CASE/CASE_<modality>.nii.gz``), a BraTS-layout root, an MSD task
+            folder or ``dataset.json``, one NIfTI file, or a list of NIfTI files forming one case's channels.
+        modalities: BraTS modality names in channel order (the checkpoint's ``data.modalities``).
+        data_section: MSD only: ``"test"``, ``"training"`` or ``"auto"`` (test if listed, else training).
+
+    Returns:
+        Case records (``{"case", "image": [files], "label"}``); the input folders: the folder named by
+        ``source`` and every folder holding an image file; the BraTS root if ``source`` is one.
+
+    Raises:
+        DatasetError: missing paths, incomplete cases, a malformed dataset.json.
+        ConfigError: ``data_section`` is not one of the three values.
+    """
+    if data_section not in ("auto", "test", "training"):
+        raise ConfigError(f"expected data_section 'auto', 'test' or 'training', got {data_section!r}")
+    if isinstance(source, (list, tuple, ListConfig)):
+        files = [Path(str(f)).expanduser().resolve() for f in source]
+        if not files:
+            raise DatasetError("input is an empty list; expected one NIfTI file per channel of a case")
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DatasetError(f"input file(s) not found: {missing}")
+        cases = [{"case": _case_id_from_file(files[0], modalities), "image": [str(f) for f in files], "label": None}]
+        return InputCases(cases, _folders(cases))
+    path = Path(str(source)).expanduser().resolve()
+    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
+        return find_input_cases([path], modalities, data_section)
+    if path.suffix == ".json" or (path / "dataset.json").is_file():
+        cases = read_msd_datalist(path, section=_msd_section(path, data_section), require_label=False)
+        return InputCases(cases, [path.parent if path.suffix == ".json" else path, *_folders(cases)])
+    if not path.is_dir():
+        raise DatasetError(f"input {str(path)!r} does not exist; expected a case folder, a BraTS root, an MSD task folder or dataset.json, or NIfTI files")
+    images = [_brats_file(path, path.name, m) for m in modalities]
+    if all(images):  # one BraTS case folder
+        return InputCases([{"case": path.name, "image": [str(f) for f in images], "label": None}], [path])
+    cases = find_brats_cases(path, modalities, require_label=False)
+    return InputCases(cases, [path, *_folders(cases)], brats_root=path)
+
+
+def check_output_folder(output: str | Path, input_folders: list[Path], brats_root: Path | None = None) -> Path:
+    """The resolved output folder, refused when predictions could land among the input files.
+
+    Raises:
+        ConfigError: ``output`` is an existing file, one of ``input_folders``, or inside ``brats_root``
+            (where a later run would take it for an incomplete case folder).
+    """
+    out = Path(output).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output={str(out)!r} is a file; expected a folder for the predictions")
+    if out in {p.resolve() for p in input_folders}:
+        raise ConfigError(f"output={str(out)!r} is an input folder; choose another folder so that predictions never mix with (or replace) input files")
+    if brats_root is not None and out.is_relative_to(brats_root.resolve()):
+        raise ConfigError(f"output={str(out)!r} is inside the BraTS input root {str(brats_root)!r}, where it would look like a case folder; choose a folder outside it")
+    return out
+
+
+def infer_probabilities(model: SegmentationModule, image: Tensor, tta: bool = False) -> Tensor:
+    """Sliding-window probabilities of one preprocessed volume.
+
+    Args:
+        model: the trained module (its ``predict_volume`` and ``mode``).
+        image: ``(C_in, H, W, D)`` float32, on the model's device.
+        tta: average over the 8 flips of the three spatial axes (each prediction flipped back first).
+
+    Returns:
+        ``(C_out, H, W, D)`` float32: per-region sigmoid or per-class softmax probabilities.
+    """
+    flips = [axes for k in range(4) for axes in combinations((2, 3, 4), k)] if tta else [()]
+    batch = image[None]  # (1, C_in, H, W, D)
+    total = None
+    with torch.inference_mode():
+        for axes in flips:
+            logits = model.predict_volume(batch.flip(axes) if axes else batch).float()  # (1, C_out, H, W, D)
+            probs = torch.sigmoid(logits) if model.mode == "sigmoid" else torch.softmax(logits, dim=1)
+            probs = probs.flip(axes) if axes else probs
+            total = probs if total is None else total.add_(probs)
+    return (total / len(flips))[0]
+
+
+def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose) -> Tensor:
+    """Probabilities on the preprocessed grid back on the input file's voxel grid.
+
+    The preprocessing recorded its spatial steps (orientation, resampling, crop) on ``data["image"]``;
+    their inverse is applied to ``probs`` with linear interpolation (exact when nothing was resampled).
+
+    Args:
+        probs: ``(C_out, H, W, D)`` on the preprocessed image's grid.
+        data: the preprocessed case, whose ``"image"`` MetaTensor carries ``applied_operations``.
+        transform: the preprocessing that produced ``data``.
+
+    Returns:
+        ``(C_out, X, Y, Z)`` float32 in the voxel order of the input file.
+    """
+    pred = MetaTensor(probs.cpu(), meta=deepcopy(data[IMAGE].meta))
+    inverted = Invertd(PRED, transform, orig_keys=IMAGE, nearest_interp=False)({IMAGE: data[IMAGE], PRED: pred})[PRED]
+    return inverted.as_tensor().float() if isinstance(inverted, MetaTensor) else inverted.float()
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_voxels`` voxels.
+
+    Args:
+        mask: boolean ``(X, Y, Z)``.
+
+    Returns:
+        Boolean ``(X, Y, Z)``.
+    """
+    if min_voxels <= 0 or not mask.any():
+        return mask
+    components = cc3d.connected_components(mask, connectivity=connectivity)  # (X, Y, Z) ids, 0 = background
+    sizes = np.bincount(components.ravel())  # voxels per component id
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[components]
+
+
+def segment(probs: Tensor, spec: LabelSpec, threshold: float = 0.5, min_voxels: float = 0.0) -> np.ndarray:
+    """Probabilities to dataset labels, optionally without small components.
+
+    Args:
+        probs: ``(C_out, X, Y, Z)``: sigmoid probabilities per region, or softmax probabilities per class
+            (background first).
+        spec: the label convention of the checkpoint.
+        threshold: sigmoid mode: probability above which a region is foreground.
+        min_voxels: components of a region (sigmoid) or class (softmax) smaller than this become background.
+
+    Returns:
+        ``(X, Y, Z)`` integer labels in the dataset's convention (e.g. BraTS 0/1/2/4).
+    """
+    if spec.mode == "sigmoid":
+        masks = (probs > threshold).numpy()  # (R, X, Y, Z) bool
+    else:
+        index = probs.argmax(dim=0).numpy()  # (X, Y, Z)
+        masks = np.stack([index == c for c in range(1, probs.shape[0])])  # (C_out - 1, X, Y, Z)
+    masks = np.stack([remove_small_components(m, min_voxels) for m in masks])
+    labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
+    foreground = np.argwhere(masks.any(0))
+    if not len(foreground):
+        return labels
+    # Labels only within the foreground's bounding box: most of a scan is background.
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(foreground.min(0), foreground.max(0)))
+    crop = masks[(slice(None), *box)]  # (R, x, y, z)
+    if spec.mode == "sigmoid":
+        labels[box] = spec.to_labels(torch.from_numpy(crop))[0].numpy()
+    else:
+        index = (crop * np.arange(1, crop.shape[0] + 1)[:, None, None, None]).sum(0)  # classes are exclusive
+        labels[box] = spec.to_labels(torch.from_numpy(index)[None])[0].numpy()
+    return labels
+
+
+def write_nifti_atomic(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    """Save ``array`` with the affine and header of ``reference`` (temporary file, then rename).
+
+    Args:
+        array: ``(X, Y, Z)`` or ``(X, Y, Z, C)`` whose first three axes are ``reference``'s voxel grid.
+
+    Raises:
+        ValueError: the spatial shape differs from ``reference``'s.
+    """
+    if tuple(array.shape[:3]) != tuple(reference.shape[:3]):
+        raise ValueError(f"expected an array of spatial shape {tuple(reference.shape[:3])} (the input's), got {tuple(array.shape)}")
+    header = reference.header.copy()
+    header.set_data_dtype(array.dtype)
+    image = nib.Nifti1Image(array, reference.affine, header=header)  # sform/qform codes and zooms kept
+    tmp = path.with_name(f".{path.name.removesuffix('.nii.gz')}.tmp{os.getpid()}.nii.gz")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict (from ``conf/predict.yaml`` and the checkpoint's config); see :func:`predict_case`."""
+
+    output: Path
+    device: torch.device
+    tta: bool = False
+    threshold: float = 0.5
+    min_component_mm3: float = 0.0
+    save_probabilities: bool = False
+    in_channels: int | None = None  # None skips the channel check
+    inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
+
+
+def output_name(case: str) -> str:
+    """The file name of a case's prediction: ``<case>.nii.gz``, folder separators replaced by ``_``."""
+    return f"{case.replace('/', '_').replace(os.sep, '_')}.nii.gz"
+
+
+def predict_case(record: CaseRecord, model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+    """Segment one case and write ``<output>/<case>.nii.gz`` (and its probabilities if asked).
+
+    Args:
+        record: ``{"case", "image": [files]}``.
+        model: the trained module, on ``options.device``.
+        transform: the checkpoint's preprocessing (:func:`medseg.data.transforms.preprocessing`).
+        spec: the checkpoint's label convention.
+
+    Returns:
+        ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``).
+    """
+    start = time.perf_counter()
+    target = options.output / output_name(str(record["case"]))
+    if target.resolve() in options.inputs:
+        raise ValueError(f"output file {target} is an input file; choose another output folder")
+    data = transform({IMAGE: list(record["image"])})
+    image = data[IMAGE]  # (C_in, H, W, D) MetaTensor on the preprocessed grid
+    if options.in_channels is not None and image.shape[0] != options.in_channels:
+        raise ValueError(f"expected {options.in_channels} image channels (the checkpoint's data.in_channels), got {image.shape[0]} from {record['image']}")
+    probs = infer_probabilities(model, image.as_tensor().to(options.device), options.tta)  # (C_out, H, W, D)
+    probs = to_original_geometry(probs, data, transform)  # (C_out, X, Y, Z)
+    if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
+        probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
+    reference = nib.load(record["image"][0])
+    voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
+    labels = segment(probs, spec, options.threshold, options.min_component_mm3 / voxel_mm3)  # (X, Y, Z)
+    write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, target)
+    result = {"case": record["case"], "prediction": str(target), "shape": list(labels.shape)}
+    if options.save_probabilities:
+        prob_path = options.output / PROBABILITY_DIR / target.name
+        prob_path.parent.mkdir(exist_ok=True)
+        write_nifti_atomic(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), reference, prob_path)
+        result["probabilities"] = str(prob_path)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predict every case of ``cfg.input`` into ``cfg.output`` and write ``predictions.json``.
+
+    Args:
+        cfg: the ``conf/predict.yaml`` config (``ckpt_path``, ``input``, ``output``, ``tta``, ...).
+
+    Returns:
+        One entry per case: ``{"case", "prediction", "shape", "seconds"}`` (plus ``"probabilities"``), or
+        ``{"case", "error"}`` for a case that failed.
+
+    Raises:
+        ConfigError, DatasetError: unusable keys, checkpoint or input (before any case is predicted).
+    """
+    check_required(cfg, REQUIRED_HELP)
+    if cfg.min_component_mm3 < 0:
+        raise ConfigError(f"expected min_component_mm3 >= 0, got {cfg.min_component_mm3}")
+    device = _device(str(cfg.device))
+    inferer = OmegaConf.to_container(cfg.inferer, resolve=True) if cfg.get("inferer") else None
+    model, train_cfg = load_model(cfg.ckpt_path, inferer)
+    model.to(device)
+    data_cfg = train_cfg.data
+    cases, input_folders, brats_root = find_input_cases(cfg.input, list(data_cfg.get("modalities") or ()), str(cfg.data_section))
+    output = check_output_folder(cfg.output, input_folders, brats_root)
+    names = [output_name(str(c["case"])) for c in cases]
+    if len(set(names)) < len(names):
+        raise DatasetError(f"input {cfg.input}: several cases would be written to {sorted({n for n in names if names.count(n) > 1})[:5]}")
+
+    spec = LabelSpec.from_config(data_cfg.labels)
+    transform = preprocessing(
+        spec,
+        with_label=False,
+        spacing=data_cfg.get("spacing"),
+        intensity=data_cfg.get("intensity", "mri"),
+        ct_window=data_cfg.get("ct_window", (-175.0, 250.0)),
+        crop_foreground=data_cfg.get("crop_foreground", True),
+    )
+    threshold = cfg.threshold if cfg.get("threshold") is not None else train_cfg.model.get("threshold", 0.5)
+    options = PredictOptions(
+        output=output,
+        device=device,
+        tta=bool(cfg.tta),
+        threshold=float(threshold),
+        min_component_mm3=float(cfg.min_component_mm3),
+        save_probabilities=bool(cfg.save_probabilities),
+        in_channels=data_cfg.get("in_channels"),
+        inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    log.info("Predicting %d case(s) with %s on %s into %s", len(cases), cfg.ckpt_path, device, output)
+    results: list[dict[str, Any]] = []
+    with logging_redirect_tqdm(loggers=[log]):
+        progress = tqdm(cases, desc="predict", unit="case", dynamic_ncols=True)
+        for record in progress:
+            try:
+                results.append(predict_case(record, model, transform, spec, options))
+            except Exception as err:  # one unreadable case must not stop the others; it is reported instead
+                message = _root_cause(err)
+                unreadable = _unreadable_file(record["image"])
+                message = f"{unreadable}: {message}" if unreadable else message
+                log.error("case %s failed: %s", record["case"], message)
+                results.append({"case": record["case"], "error": message, "image": list(record["image"])})
+            progress.set_postfix(failed=sum("error" in r for r in results))
+    summary = {
+        "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
+        "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input),
+        "options": {"tta": options.tta, "threshold": options.threshold, "min_component_mm3": options.min_component_mm3, "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
+        "failed": sum("error" in r for r in results),
+        "cases": results,
+    }
+    write_json_atomic(output / SUMMARY_NAME, summary)
+    log.info("%d of %d case(s) predicted into %s (%s)", len(results) - summary["failed"], len(results), output, SUMMARY_NAME)
+    return results
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"expected device 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def _msd_section(path: Path, data_section: str) -> str:
+    """``auto``: ``test`` when dataset.json lists test images, else ``training``."""
+    if data_section != "auto":
+        return data_section
+    json_path = path if path.suffix == ".json" else path / "dataset.json"
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return "test"  # read_msd_datalist reports the problem with its own message
+    return "test" if isinstance(meta, dict) and meta.get("test") else "training"
+
+
+def _case_id_from_file(path: Path, modalities: list[str] | tuple[str, ...]) -> str:
+    """``BraTS_001_t1.nii.gz`` -> ``BraTS_001`` (known modality suffixes dropped), ``scan.nii`` -> ``scan``."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        name = name.removesuffix(suffix)
+    for modality in modalities:
+        for tail in (f"_{modality}", f"-{BRATS_2023_NAMES.get(modality, modality)}"):
+            if name.endswith(tail) and len(name) > len(tail):
+                return name.removesuffix(tail)
+    return name
+
+
+def _folders(cases: list[CaseRecord]) -> list[Path]:
+    return sorted({Path(f).resolve().parent for c in cases for f in c["image"]})
+
+
+def _label_dtype(spec: LabelSpec) -> type:
+    low, high = min(spec.values), max(spec.values)
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _unreadable_file(files: list[str]) -> str | None:
+    """The first of ``files`` whose voxels cannot be read (to name it in a case's error), or None."""
+    for f in files:
+        try:
+            np.asarray(nib.load(f).dataobj)
+        except Exception:  # any failure to read is what we are looking for
+            return str(f)
+    return None
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception of a chain (MONAI wraps reader errors in RuntimeErrors), on one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = predict(cfg)
+    except (DatasetError, ConfigError) as err:  # user mistakes: one readable message, no traceback
+        log.error("%s", err)
+        sys.exit(1)
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+register_resolvers()
+
+if __name__ == "__main__":
+    main()

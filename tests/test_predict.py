@@ -1,0 +1,358 @@
+"""Prediction: labels in the input's own geometry, known answers through the inverse transforms, robustness."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from conftest import shared_dataset
+from medseg.config import CONFIG_DIR, ConfigError
+from medseg.data.labels import LabelSpec
+from medseg.data.layouts import DatasetError
+from medseg.data.synthetic import CONTRASTS, generate_case
+from medseg.module import SegmentationModule
+from medseg.predict import check_output_folder, find_input_cases, main, predict, segment
+
+BRATS_VALUES = {0, 1, 2, 4}
+SPACING = (2.0, 3.0, 4.0)  # anisotropic, mm
+SHAPE = (40, 36, 28)  # RAS voxels before reorientation
+
+
+def compose_predict(*overrides: str):
+    """The ``conf/predict.yaml`` config with command-line overrides, composed as the CLI would."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("predict", list(overrides))
+
+
+def predict_config(ckpt: Path, source: Path | list[Path], output: Path, *extra: str):
+    source = f"[{','.join(str(s) for s in source)}]" if isinstance(source, list) else str(source)
+    return compose_predict(f"ckpt_path={ckpt}", f"input={source}", f"output={output}", *extra)
+
+
+def run_main(*overrides: str) -> int:
+    """The body of ``python -m medseg.predict OVERRIDES`` (Hydra's wrapper aside); returns the exit code."""
+    try:
+        main.__wrapped__(compose_predict(*overrides))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def write_case(folder: Path, case_id: str, images: dict[str, np.ndarray], affine: np.ndarray, axcodes: tuple[str, str, str]) -> Path:
+    """Save RAS ``(X, Y, Z)`` arrays as a BraTS case folder, stored in the orientation ``axcodes``."""
+    case_dir = folder / case_id
+    case_dir.mkdir(parents=True)
+    for name, data in images.items():
+        image = nib.Nifti1Image(data.astype(np.float32), affine)
+        image = image.as_reoriented(ornt_transform(io_orientation(affine), axcodes2ornt(axcodes)))
+        nib.save(image, case_dir / f"{case_id}_{name}.nii.gz")
+    return case_dir
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(path)
+    return np.asarray(image.dataobj), image.affine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(brats_tree, tmp_path_factory) -> Path:
+    """A real training checkpoint (one epoch, the tiny demo net) that resamples to 4 mm."""
+    from test_train import tiny_run
+
+    from medseg.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_run(brats_tree, out, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "evaluate_best=false", "data.val_fraction=0", "data.cache_rate=0", "data.spacing=[4.0,4.0,4.0]", "logger=csv"))
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def native_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """The same weights, with a training config that keeps the native voxel spacing."""
+    saved = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    saved["medseg_config"]["data"]["spacing"] = None
+    path = tmp_path_factory.mktemp("native") / "native.ckpt"
+    torch.save({"state_dict": saved["state_dict"], "medseg_config": saved["medseg_config"]}, path)
+    return path
+
+
+@pytest.fixture()
+def support_model(monkeypatch):
+    """A network with a known answer: region r (WT, TC, ET) is wherever image channel r (t1, t1ce, t2) is
+    non-zero. Normalisation keeps zeros at zero, and the answer commutes with flips."""
+
+    def predict_volume(self, image):  # (1, 4, H, W, D) -> (1, 3, H, W, D)
+        return torch.where(image[:, :3] != 0, 10.0, -10.0)
+
+    monkeypatch.setattr(SegmentationModule, "predict_volume", predict_volume)
+
+
+@pytest.fixture()
+def support_case(tmp_path) -> Path:
+    """A case stored in PSR orientation at 2x3x4 mm whose channel supports are nested, off-centre boxes:
+    t1 and flair cover A plus a small blob S, t1ce covers B in A, t2 covers C in B."""
+    rng = np.random.default_rng(0)
+    regions = {name: np.zeros(SHAPE, bool) for name in CONTRASTS}
+    a, b, c, s = (slice(4, 30), slice(6, 28), slice(3, 20)), (slice(10, 26), slice(12, 26), slice(6, 16)), (slice(14, 22), slice(16, 24), slice(8, 14)), (slice(35, 37), slice(2, 4), slice(23, 25))
+    for name, boxes in {"t1": (a, s), "flair": (a, s), "t1ce": (b,), "t2": (c,)}.items():
+        for box in boxes:
+            regions[name][box] = True
+    images = {name: np.where(mask, rng.uniform(1.0, 2.0, SHAPE), 0.0) for name, mask in regions.items()}
+    return write_case(tmp_path / "input", "CASE-1", images, np.diag([*SPACING, 1.0]), ("P", "S", "R"))
+
+
+def expected_labels(case_dir: Path) -> np.ndarray:
+    """BraTS labels implied by :func:`support_model`, computed on the arrays as stored (original orientation)."""
+    wt, tc, et = (load(case_dir / f"{case_dir.name}_{m}.nii.gz")[0] != 0 for m in ("t1", "t1ce", "t2"))
+    return np.select([et, tc, wt], [4, 1, 2], 0).astype(np.uint8)
+
+
+# Fast: input resolution, output folder checks and label conversion need no network.
+
+
+def test_input_kinds_resolve_to_cases(brats_tree, tmp_path):
+    case = brats_tree / "SYN-0001"
+    root = find_input_cases(brats_tree, CONTRASTS)
+    assert [c["case"] for c in root.cases] == [f"SYN-000{i}" for i in range(6)] and root.brats_root == brats_tree.resolve()
+    one = find_input_cases(case, CONTRASTS)
+    assert [c["case"] for c in one.cases] == ["SYN-0001"] and one.brats_root is None
+    assert [Path(f).name for f in one.cases[0]["image"]] == [f"SYN-0001_{m}.nii.gz" for m in CONTRASTS]
+    files = [case / f"SYN-0001_{m}.nii.gz" for m in CONTRASTS]
+    listed = find_input_cases([str(f) for f in files], CONTRASTS)
+    assert listed.cases[0]["case"] == "SYN-0001" and listed.cases[0]["image"] == [str(f) for f in files]
+    assert find_input_cases(str(files[0]), CONTRASTS).cases[0]["image"] == [str(files[0])]
+
+    images = [str(f) for f in files]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": images, "label": str(case / "SYN-0001_seg.nii.gz")}], "test": [{"image": images}]}))
+    assert find_input_cases(tmp_path, CONTRASTS).cases[0]["label"] is None  # auto: the test list
+    assert find_input_cases(tmp_path / "dataset.json", CONTRASTS, "training").cases[0]["label"] is not None
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": images, "label": str(case / "SYN-0001_seg.nii.gz")}]}))
+    assert find_input_cases(tmp_path, CONTRASTS).cases[0]["label"] is not None  # auto without a test list
+    with pytest.raises(DatasetError, match="does not exist"):
+        find_input_cases(tmp_path / "nowhere", CONTRASTS)
+    with pytest.raises(ConfigError, match="data_section"):
+        find_input_cases(tmp_path, CONTRASTS, "validation")
+
+
+def test_output_folder_equal_to_or_inside_an_input_folder_is_refused(brats_tree, tmp_path):
+    root = find_input_cases(brats_tree, CONTRASTS)
+    for bad in (brats_tree, brats_tree / "SYN-0002", brats_tree / "predictions"):
+        with pytest.raises(ConfigError, match="output="):
+            check_output_folder(bad, root.folders, root.brats_root)
+    case = find_input_cases(brats_tree / "SYN-0002", CONTRASTS)
+    with pytest.raises(ConfigError, match="is an input folder"):
+        check_output_folder(brats_tree / "SYN-0002" / ".." / "SYN-0002", case.folders, case.brats_root)
+    assert check_output_folder(tmp_path / "out", root.folders, root.brats_root) == (tmp_path / "out").resolve()
+    assert check_output_folder(brats_tree / "SYN-0002-pred", case.folders, case.brats_root).name == "SYN-0002-pred"  # beside a case folder is fine
+
+
+def test_segment_softmax_classes_and_small_components():
+    spec = LabelSpec.from_config({"mode": "softmax", "names": ["anterior", "posterior"], "values": [0, 1, 2]})
+    probs = torch.zeros(3, 10, 10, 10)
+    probs[0] = 1.0
+    probs[:, 1:6, 1:6, 1:6] = torch.tensor([0.1, 0.7, 0.2])[:, None, None, None]  # 125 voxels of class 1
+    probs[:, 8:10, 8:10, 8:10] = torch.tensor([0.2, 0.3, 0.5])[:, None, None, None]  # 8 voxels of class 2
+    labels = segment(probs, spec)
+    assert labels.dtype.kind == "i" and (labels == 1).sum() == 125 and (labels == 2).sum() == 8
+    cleaned = segment(probs, spec, min_voxels=10)
+    assert (cleaned == 1).sum() == 125 and (cleaned == 2).sum() == 0
+    empty = segment(torch.stack([torch.ones(4, 4, 4), torch.zeros(4, 4, 4), torch.zeros(4, 4, 4)]), spec)
+    assert not empty.any()
+
+
+def test_user_errors_are_one_readable_line(tmp_path, caplog):
+    assert run_main(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}") == 1
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    assert run_main(f"ckpt_path={tmp_path / 'plain.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}") == 1
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert run_main(f"ckpt_path={tmp_path / 'junk.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}") == 1
+    assert run_main(f"input={tmp_path}", f"output={tmp_path / 'out'}") == 1
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(messages) == 4 and all(r.exc_info is None for r in caplog.records)  # no traceback
+    assert "checkpoint not found" in messages[0] and "medseg_config" in messages[1]
+    assert "cannot read checkpoint" in messages[2] and "ckpt_path=..." in messages[3]
+    assert not (tmp_path / "out").exists()
+
+
+def test_softmax_msd_case_known_answer(tmp_path, monkeypatch):
+    """An untrained hippocampus (softmax) checkpoint whose network answers class 1 below the case's mean
+    intensity and class 2 above it, on a single-file MSD test image stored in LPI orientation."""
+    from omegaconf import OmegaConf
+
+    from medseg.config import compose
+    from medseg.train import build_model
+
+    cfg = compose("train", ["+experiment=hippocampus", "data.root=unused", f"paths.output_dir={tmp_path}"])
+    ckpt = tmp_path / "hippocampus.ckpt"
+    torch.save({"state_dict": build_model(cfg).state_dict(), "medseg_config": OmegaConf.to_container(cfg, resolve=True)}, ckpt)
+
+    def predict_volume(self, image):  # (1, 1, H, W, D) z-scored over non-zero voxels -> (1, 3, H, W, D)
+        x = image[:, 0]
+        return torch.stack([torch.where(x == 0, 10.0, -10.0), torch.where(x < 0, 10.0, -10.0), torch.where(x > 0, 10.0, -10.0)], dim=1)
+
+    monkeypatch.setattr(SegmentationModule, "predict_volume", predict_volume)
+    rng = np.random.default_rng(1)
+    image = np.zeros((20, 24, 16), np.float32)
+    image[2:9, 3:20, 4:10] = rng.uniform(1.0, 2.0, (7, 17, 6))  # below the mean: class 1
+    image[12:18, 5:9, 9:15] = rng.uniform(5.0, 6.0, (6, 4, 6))  # above: class 2
+    stored = nib.Nifti1Image(image, np.diag([1.0, 1.5, 2.0, 1.0]))
+    stored = stored.as_reoriented(ornt_transform(io_orientation(stored.affine), axcodes2ornt(("L", "P", "I"))))
+    (tmp_path / "task" / "imagesTs").mkdir(parents=True)
+    nib.save(stored, tmp_path / "task" / "imagesTs" / "hip_001.nii.gz")
+    (tmp_path / "task" / "dataset.json").write_text(json.dumps({"training": [], "test": ["./imagesTs/hip_001.nii.gz"]}))
+
+    results = predict(predict_config(ckpt, tmp_path / "task", tmp_path / "out", "save_probabilities=true"))
+    labels, affine = load(results[0]["prediction"])
+    data = np.asarray(stored.dataobj)
+    np.testing.assert_array_equal(labels, np.select([data >= 5, data > 0], [2, 1], 0))
+    np.testing.assert_array_equal(affine, stored.affine)
+    assert labels.dtype == np.uint8 and results[0]["case"] == "hip_001"
+    probs, _ = load(results[0]["probabilities"])
+    assert probs.shape == (*data.shape, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+# Slow: these use a trained checkpoint.
+
+
+@pytest.mark.slow
+def test_round_trip_non_ras_anisotropic_case(checkpoint, tmp_path):
+    case = generate_case(np.random.default_rng(7), shape=(48, 40, 32), spacing=(3.0, 4.0, 4.8))
+    case_dir = write_case(tmp_path / "input", "SYN-LPS", case.images, case.affine, ("P", "S", "R"))
+    before = file_hashes(tmp_path / "input")
+    reference_data, reference_affine = load(case_dir / "SYN-LPS_flair.nii.gz")
+    assert reference_data.shape == (40, 32, 48)  # permuted: stored P, S, R
+
+    runs = {}
+    for tta in (False, True):
+        out = tmp_path / f"out_tta{tta}"
+        results = predict(predict_config(checkpoint, case_dir, out, f"tta={tta}", "save_probabilities=true"))
+        assert [r["case"] for r in results] == ["SYN-LPS"] and "error" not in results[0]
+        labels, affine = load(out / "SYN-LPS.nii.gz")
+        assert labels.shape == reference_data.shape and labels.dtype == np.uint8
+        np.testing.assert_array_equal(affine, reference_affine)
+        assert nib.aff2axcodes(affine) == ("P", "S", "R")
+        assert set(np.unique(labels).tolist()) <= BRATS_VALUES
+        probs, prob_affine = load(out / "probabilities" / "SYN-LPS.nii.gz")
+        assert probs.shape == (*reference_data.shape, 3) and probs.dtype == np.float32
+        assert probs.min() >= 0.0 and probs.max() <= 1.0
+        np.testing.assert_array_equal(prob_affine, reference_affine)
+        summary = json.loads((out / "predictions.json").read_text())
+        assert summary["failed"] == 0 and summary["cases"][0]["prediction"] == str(out / "SYN-LPS.nii.gz") and summary["options"]["tta"] is tta
+        assert sorted(p.name for p in out.iterdir()) == ["SYN-LPS.nii.gz", "predictions.json", "probabilities"]  # no temporary files left
+        runs[tta] = probs
+    assert not np.allclose(runs[False], runs[True], atol=1e-4)  # the flips changed the average
+    assert file_hashes(tmp_path / "input") == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tta", [False, True])
+def test_inverse_geometry_gives_the_known_answer_in_the_original_orientation(native_checkpoint, support_model, support_case, tmp_path, tta):
+    out = tmp_path / "out"
+    predict(predict_config(native_checkpoint, support_case, out, f"tta={tta}"))
+    labels, affine = load(out / "CASE-1.nii.gz")
+    expected = expected_labels(support_case)
+    assert set(np.unique(expected).tolist()) == BRATS_VALUES
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(affine, load(support_case / "CASE-1_t1.nii.gz")[1])
+
+
+@pytest.mark.slow
+def test_inverse_geometry_through_resampling(checkpoint, support_model, support_case, tmp_path):
+    """The checkpoint resamples 2x3x4 mm to 4 mm: the answer matches up to interpolation at box borders."""
+    out = tmp_path / "out"
+    predict(predict_config(checkpoint, support_case, out))
+    labels, _ = load(out / "CASE-1.nii.gz")
+    expected = expected_labels(support_case)
+    for value in (1, 2, 4):
+        pred, ref = labels == value, expected == value
+        dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+        assert dice > 0.75, (value, dice)
+
+
+@pytest.mark.slow
+def test_min_component_mm3_removes_the_small_component(native_checkpoint, support_model, support_case, tmp_path):
+    """The blob S has 8 voxels of 2x3x4 mm = 192 mm^3; the other components are over 1000 mm^3."""
+    kept = predict(predict_config(native_checkpoint, support_case, tmp_path / "all"))
+    removed = predict(predict_config(native_checkpoint, support_case, tmp_path / "clean", "min_component_mm3=500"))
+    full, clean = load(kept[0]["prediction"])[0], load(removed[0]["prediction"])[0]
+    np.testing.assert_array_equal(full, expected_labels(support_case))
+    changed = full != clean
+    assert changed.sum() == 8 and (full[changed] == 2).all() and (clean[changed] == 0).all()
+
+
+@pytest.mark.slow
+def test_broken_case_is_reported_and_the_others_complete(brats_tree, checkpoint, tmp_path):
+    root = tmp_path / "input"
+    for case in ("SYN-0000", "SYN-0001", "SYN-0002"):
+        shutil.copytree(brats_tree / case, root / case)
+    broken = root / "SYN-0001" / "SYN-0001_flair.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:2000])  # truncated gzip
+    out = tmp_path / "out"
+    assert run_main(f"ckpt_path={checkpoint}", f"input={root}", f"output={out}") == 1
+    summary = json.loads((out / "predictions.json").read_text())
+    by_case = {c["case"]: c for c in summary["cases"]}
+    assert summary["failed"] == 1 and set(by_case) == {"SYN-0000", "SYN-0001", "SYN-0002"}
+    assert by_case["SYN-0001"]["error"].startswith(str(broken)) and "\n" not in by_case["SYN-0001"]["error"]
+    assert not (out / "SYN-0001.nii.gz").exists()
+    for case in ("SYN-0000", "SYN-0002"):
+        assert Path(by_case[case]["prediction"]).is_file()
+        assert load(out / f"{case}.nii.gz")[0].shape == (48, 48, 32)
+
+
+@pytest.mark.slow
+def test_output_equal_to_input_is_refused_before_anything_is_written(brats_copy, checkpoint, tmp_path):
+    before = file_hashes(brats_copy)
+    for source, output in ((brats_copy / "SYN-0003", brats_copy / "SYN-0003"), (brats_copy, brats_copy), (brats_copy, brats_copy / "predictions")):
+        with pytest.raises(ConfigError, match="input folder|input root"):
+            predict(predict_config(checkpoint, source, output))
+    with pytest.raises(DatasetError, match="does not exist"):
+        predict(predict_config(checkpoint, tmp_path / "nowhere", tmp_path / "out"))
+    assert file_hashes(brats_copy) == before and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in brats_copy.iterdir()) == [f"SYN-000{i}" for i in range(6)] + ["synthetic.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_brats_samples_keep_their_geometry(checkpoint, tmp_path):
+    root = shared_dataset("BraTS_samples")
+    results = predict(predict_config(checkpoint, root, tmp_path / "out"))
+    assert len(results) == 2 and all("error" not in r for r in results)
+    for result in results:
+        labels, affine = load(result["prediction"])
+        _, reference_affine = load(root / result["case"] / f"{result['case']}_flair.nii.gz")
+        assert labels.shape == (240, 240, 155) and labels.dtype == np.uint8
+        np.testing.assert_array_equal(affine, reference_affine)
+        assert set(np.unique(labels).tolist()) <= BRATS_VALUES
+
+
+@pytest.mark.slow
+def test_cli_predicts_a_case_folder_and_writes_nothing_else(brats_tree, checkpoint, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg.predict", f"ckpt_path={checkpoint}", f"input={brats_tree / 'SYN-0004'}", f"output={out}"],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert load(out / "SYN-0004.nii.gz")[0].shape == (48, 48, 32)
+    assert json.loads((out / "predictions.json").read_text())["failed"] == 0
+    assert list(cwd.iterdir()) == []  # no Hydra outputs/ folder, no log file
+    assert "Traceback" not in result.stderr
