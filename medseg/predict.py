@@ -50,6 +50,7 @@ from medseg.data.layouts import (
 )
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.module import SegmentationModule
+from medseg.train import build_model
 
 log = logging.getLogger("medseg")
 PRED = "pred"
@@ -89,8 +90,6 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
     overrides = {k: v for k, v in (inferer or {}).items() if v is not None}
     if overrides:
         cfg.model.inferer = OmegaConf.merge(cfg.model.inferer, overrides)
-    from medseg.train import build_model  # here, so that importing this module stays light
-
     model = build_model(cfg)
     try:
         model.load_state_dict(checkpoint["state_dict"])
