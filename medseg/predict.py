@@ -44,7 +44,7 @@ from medseg.data.layouts import (
     NIFTI_SUFFIXES,
     CaseRecord,
     DatasetError,
-    _brats_file,
+    brats_file,
     find_brats_cases,
     read_msd_datalist,
 )
@@ -143,7 +143,7 @@ def find_input_cases(source: Any, modalities: list[str] | tuple[str, ...], data_
         return InputCases(cases, [path.parent if path.suffix == ".json" else path, *_folders(cases)])
     if not path.is_dir():
         raise DatasetError(f"input {str(path)!r} does not exist; expected a case folder, a BraTS root, an MSD task folder or dataset.json, or NIfTI files")
-    images = [_brats_file(path, path.name, m) for m in modalities]
+    images = [brats_file(path, path.name, m) for m in modalities]
     if all(images):  # one BraTS case folder
         return InputCases([{"case": path.name, "image": [str(f) for f in images], "label": None}], [path])
     cases = find_brats_cases(path, modalities, require_label=False)

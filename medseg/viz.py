@@ -305,8 +305,10 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
         raise ValueError(f"expected a region in {list(spec.names)}, got {region!r}")
     record, out = records[case], Path(workdir or run_dir / "inspection")
     files = "[" + ",".join(record["image"]) + "]"
-    predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}"]))
-    predicted = sorted(out.glob("*.nii.gz"), key=lambda p: p.stat().st_mtime)[-1]
+    result = predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}"]))[0]
+    if "error" in result:
+        raise ValueError(f"prediction of {case} failed: {result['error']}")
+    predicted = Path(result["prediction"])
 
     channel = spec.names.index(region)
     def mask(path: str) -> np.ndarray:

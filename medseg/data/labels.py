@@ -104,17 +104,19 @@ class LabelSpec:
         if self.mode == "softmax":
             lut = torch.tensor(self.values, device=prediction.device)
             return lut[prediction.long()]
-        pred = prediction.flatten(1).float()  # (R, N)
+        flat = prediction.flatten(1).bool()  # (R, N)
+        labels = torch.zeros(flat.shape[1], dtype=torch.long, device=flat.device)  # (N,)
+        voxels = flat.any(0)  # only voxels with a predicted region need a decision
+        pred = flat[:, voxels].float()  # (R, n)
         foreground = [v for v in self.values if v != 0]
         member = torch.tensor(
             [[float(v in self.regions[n]) for n in self.names] for v in foreground], device=pred.device
         )  # (V, R)
-        agree = member @ pred  # (V, N)
-        distance = member.sum(1, keepdim=True) + pred.sum(0, keepdim=True) - 2 * agree  # Hamming, (V, N)
+        agree = member @ pred  # (V, n)
+        distance = member.sum(1, keepdim=True) + pred.sum(0, keepdim=True) - 2 * agree  # Hamming, (V, n)
         # Nearest membership pattern wins; among equally near values, the one sharing more predicted regions.
-        best = torch.argmin(distance * (len(self.names) + 1) - agree, dim=0)  # (N,)
-        labels = torch.tensor(foreground, device=pred.device)[best]
-        labels[pred.sum(0) == 0] = 0
+        best = torch.argmin(distance * (len(self.names) + 1) - agree, dim=0)  # (n,)
+        labels[voxels] = torch.tensor(foreground, device=pred.device)[best]
         labels = labels.view(prediction.shape[1:])
         return labels.unsqueeze(0)
 

@@ -43,7 +43,7 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _brats_file(folder: Path, case: str, modality: str) -> Path | None:
+def brats_file(folder: Path, case: str, modality: str) -> Path | None:
     """The file of one modality of a case, in 2018-2021 (``CASE_t1``) or 2023 (``CASE-t1n``) naming."""
     found = _find_nifti(folder, f"{case}_{modality}")
     if found is None and modality in BRATS_2023_NAMES:
@@ -81,8 +81,8 @@ def find_brats_cases(
     problems: list[str] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         case = folder.name
-        images = [_brats_file(folder, case, m) for m in modalities]
-        label = _brats_file(folder, case, "seg")
+        images = [brats_file(folder, case, m) for m in modalities]
+        label = brats_file(folder, case, "seg")
         missing = [m for m, f in zip(modalities, images) if f is None]
         if missing:
             problems.append(f"{folder}: missing modality file(s) {missing} (expected {case}_<modality>.nii.gz)")
@@ -202,7 +202,7 @@ def find_label_files(root: str | Path) -> dict[str, str]:
         raise DatasetError(f"reference folder {str(root)!r} does not exist or is not a folder")
     labels = {}
     for path in sorted(root.iterdir()):
-        if path.is_dir() and (seg := _brats_file(path, path.name, "seg")) is not None:
+        if path.is_dir() and (seg := brats_file(path, path.name, "seg")) is not None:
             labels[path.name] = str(seg)
         elif path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith("."):
             labels[_strip_nifti_suffix(path.name)] = str(path)
