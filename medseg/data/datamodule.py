@@ -12,7 +12,9 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
+from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.transforms import Compose
+from torch.utils.data import DistributedSampler
 
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import CaseRecord, find_cases
@@ -211,11 +213,23 @@ class SegmentationDataModule(L.LightningDataModule):
             self._val_dataset = self._dataset(self.val_cases, self.preprocessing)
         return self._val_dataset
 
+    def _world(self) -> tuple[int, int] | None:
+        """(rank, world size) when training on several processes, else None."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return trainer.global_rank, trainer.world_size
+
     def train_dataloader(self) -> DataLoader:
+        world = self._world()
+        # Under DDP (with the trainer's use_distributed_sampler=false, see conf/trainer/ddp.yaml) each process
+        # draws its share of the shuffled cases; Lightning calls set_epoch so every epoch reshuffles.
+        sampler = DistributedSampler(self.train_dataset(), num_replicas=world[1], rank=world[0], shuffle=True, seed=self.seed) if world else None
         return DataLoader(
             self.train_dataset(),
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -224,8 +238,12 @@ class SegmentationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.val_cases:
             return []
+        world = self._world()
+        # Every validation case exactly once across processes: torch's DistributedSampler would pad the last
+        # shard with repeated cases and bias the metrics; MONAI's with even_divisible=False does not.
+        sampler = MonaiDistributedSampler(self.val_dataset(), even_divisible=False, num_replicas=world[1], rank=world[0], shuffle=False) if world else None
         # Whole volumes of different sizes: one per batch, sliding-window inference in the module.
-        return DataLoader(self.val_dataset(), batch_size=1, num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return DataLoader(self.val_dataset(), batch_size=1, sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
