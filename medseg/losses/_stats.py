@@ -144,32 +144,45 @@ def _finish(ctx, sums: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
     return out
 
 
+def _chunked_forward(ctx, sums_fn, n_sums: int, logits: Tensor, target: Tensor, cast_target: bool, gamma: float, focal: bool, dice: bool, squared: bool) -> tuple[Tensor, ...]:
+    """Accumulate ``sums_fn`` over chunks of the volume into ``(n_sums, B, C)`` float64 sums; keep only the
+    logits and the target for backward. ``cast_target``: the target is converted to the compute dtype per
+    chunk (dense targets); class indices stay integers."""
+    dtype = compute_dtype(logits.dtype)
+    sums = logits.new_zeros((n_sums, *logits.shape[:2]), dtype=torch.float64)  # accumulators
+    for sl in _chunks(logits):
+        chunk = target[..., sl].to(dtype) if cast_target else target[..., sl]
+        sums += sums_fn(logits[..., sl].to(dtype), chunk, gamma, focal, dice, squared)
+    ctx.save_for_backward(logits, target)
+    ctx.options = (gamma, focal, dice, squared, cast_target)
+    return _finish(ctx, sums, dtype)
+
+
+def _chunked_backward(ctx, grad_fn, focal_grads: tuple, dice_grads: tuple) -> tuple:
+    """The logits' gradient chunk by chunk from the upstream gradients of the sums (``None`` when unused)."""
+    logits, target = ctx.saved_tensors
+    gamma, focal, dice, squared, cast_target = ctx.options
+    dtype = compute_dtype(logits.dtype)
+    focal_grads = tuple(_grad(g, dtype) if focal else None for g in focal_grads)  # (B, C, 1) or None
+    dice_grads = tuple(_grad(g, dtype) if dice else None for g in dice_grads)
+    grad = torch.empty_like(logits)
+    for sl in _chunks(logits):
+        chunk = target[..., sl].to(dtype) if cast_target else target[..., sl]
+        grad[..., sl] = grad_fn(logits[..., sl].to(dtype), chunk, gamma, squared, *focal_grads, *dice_grads)
+    return grad, None, None, None, None, None
+
+
 class _SigmoidSums(torch.autograd.Function):
     """(focal_pos, focal_neg, intersection, pred_sum, target_sum) for sigmoid logits ``(B, C, N)``."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, gamma: float, focal: bool, dice: bool, squared: bool):
-        dtype = compute_dtype(logits.dtype)
-        sums = logits.new_zeros((5, *logits.shape[:2]), dtype=torch.float64)  # (5, B, C) accumulators
-        for sl in _chunks(logits):
-            sums += _sigmoid_sums(logits[..., sl].to(dtype), target[..., sl].to(dtype), gamma, focal, dice, squared)
-        ctx.save_for_backward(logits, target)
-        ctx.options = (gamma, focal, dice, squared)
-        return _finish(ctx, sums, dtype)
+        return _chunked_forward(ctx, _sigmoid_sums, 5, logits, target, True, gamma, focal, dice, squared)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_pos, g_neg, g_inter, g_pred, _g_tsum):
-        logits, target = ctx.saved_tensors
-        gamma, focal, dice, squared = ctx.options
-        dtype = compute_dtype(logits.dtype)
-        g_pos, g_neg = (_grad(g, dtype) if focal else None for g in (g_pos, g_neg))  # (B, C, 1) or None
-        g_inter, g_pred = (_grad(g, dtype) if dice else None for g in (g_inter, g_pred))
-        grad = torch.empty_like(logits)
-        for sl in _chunks(logits):
-            x, t = logits[..., sl].to(dtype), target[..., sl].to(dtype)
-            grad[..., sl] = _sigmoid_grad(x, t, gamma, squared, g_pos, g_neg, g_inter, g_pred)
-        return grad, None, None, None, None, None
+        return _chunked_backward(ctx, _sigmoid_grad, (g_pos, g_neg), (g_inter, g_pred))
 
 
 def _sigmoid_sums(x: Tensor, t: Tensor, gamma: float, focal: bool, dice: bool, squared: bool) -> Tensor:
@@ -223,27 +236,13 @@ class _SoftmaxIndexSums(torch.autograd.Function):
     """(focal, intersection, pred_sum, target_sum) for softmax logits ``(B, C, N)``, indices ``(B, 1, N)``."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, index: Tensor, gamma: float, focal: bool, dice: bool, squared: bool):
-        dtype = compute_dtype(logits.dtype)
-        sums = logits.new_zeros((4, *logits.shape[:2]), dtype=torch.float64)  # (4, B, C)
-        for sl in _chunks(logits):
-            sums += _softmax_index_sums(logits[..., sl].to(dtype), index[..., sl], gamma, focal, dice, squared)
-        ctx.save_for_backward(logits, index)
-        ctx.options = (gamma, focal, dice, squared)
-        return _finish(ctx, sums, dtype)
+    def forward(ctx, logits: Tensor, target: Tensor, gamma: float, focal: bool, dice: bool, squared: bool):
+        return _chunked_forward(ctx, _softmax_index_sums, 4, logits, target, False, gamma, focal, dice, squared)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_focal, g_inter, g_pred, _g_tsum):
-        logits, index = ctx.saved_tensors
-        gamma, focal, dice, squared = ctx.options
-        dtype = compute_dtype(logits.dtype)
-        g_focal = _grad(g_focal, dtype) if focal else None  # (B, C, 1) or None
-        g_inter, g_pred = (_grad(g, dtype) if dice else None for g in (g_inter, g_pred))
-        grad = torch.empty_like(logits)
-        for sl in _chunks(logits):
-            grad[..., sl] = _softmax_index_grad(logits[..., sl].to(dtype), index[..., sl], gamma, squared, g_focal, g_inter, g_pred)
-        return grad, None, None, None, None, None
+        return _chunked_backward(ctx, _softmax_index_grad, (g_focal,), (g_inter, g_pred))
 
 
 def _softmax_index_sums(x: Tensor, y: Tensor, gamma: float, focal: bool, dice: bool, squared: bool) -> Tensor:
@@ -290,27 +289,12 @@ class _SoftmaxDenseSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, gamma: float, focal: bool, dice: bool, squared: bool):
-        dtype = compute_dtype(logits.dtype)
-        sums = logits.new_zeros((4, *logits.shape[:2]), dtype=torch.float64)  # (4, B, C)
-        for sl in _chunks(logits):
-            sums += _softmax_dense_sums(logits[..., sl].to(dtype), target[..., sl].to(dtype), gamma, focal, dice, squared)
-        ctx.save_for_backward(logits, target)
-        ctx.options = (gamma, focal, dice, squared)
-        return _finish(ctx, sums, dtype)
+        return _chunked_forward(ctx, _softmax_dense_sums, 4, logits, target, True, gamma, focal, dice, squared)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_focal, g_inter, g_pred, _g_tsum):
-        logits, target = ctx.saved_tensors
-        gamma, focal, dice, squared = ctx.options
-        dtype = compute_dtype(logits.dtype)
-        g_focal = _grad(g_focal, dtype) if focal else None  # (B, C, 1) or None
-        g_inter, g_pred = (_grad(g, dtype) if dice else None for g in (g_inter, g_pred))
-        grad = torch.empty_like(logits)
-        for sl in _chunks(logits):
-            x, t = logits[..., sl].to(dtype), target[..., sl].to(dtype)
-            grad[..., sl] = _softmax_dense_grad(x, t, gamma, squared, g_focal, g_inter, g_pred)
-        return grad, None, None, None, None, None
+        return _chunked_backward(ctx, _softmax_dense_grad, (g_focal,), (g_inter, g_pred))
 
 
 def _softmax_dense_sums(x: Tensor, t: Tensor, gamma: float, focal: bool, dice: bool, squared: bool) -> Tensor:

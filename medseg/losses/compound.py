@@ -88,12 +88,13 @@ class FocalDiceLoss(nn.Module):
         )
 
 
-class DiceCELoss(nn.Module):
+class DiceCELoss(FocalDiceLoss):
     r"""``lambda_ce * cross-entropy + lambda_dice * Dice`` (nnU-Net's ``DC_and_CE_loss``), one activation.
 
-    Cross-entropy is the mean binary CE over all elements (sigmoid) or the mean CE over voxels
-    (softmax), as torch computes it; Dice is :class:`medseg.losses.DiceLoss`. :meth:`forward_with_terms`
-    returns the unweighted parts ``{"ce": ..., "dice": ...}``: ``total == lambda_ce * ce + lambda_dice * dice``.
+    :class:`FocalDiceLoss` with ``gamma = 0`` and no ``alpha`` (the focal term is then exactly cross-entropy):
+    the mean binary CE over all elements (sigmoid) or the mean CE over voxels (softmax), as torch computes
+    it; Dice is :class:`medseg.losses.DiceLoss`. :meth:`forward_with_terms` returns the unweighted parts
+    ``{"ce": ..., "dice": ...}``: ``total == lambda_ce * ce + lambda_dice * dice``.
 
     Args:
         mode: ``"sigmoid"`` or ``"softmax"``.
@@ -119,25 +120,14 @@ class DiceCELoss(nn.Module):
         smooth: float = 1e-5,
         squared: bool = False,
     ) -> None:
-        super().__init__()
-        self.mode = check_mode(mode)
-        self.lambda_ce = check_nonnegative("lambda_ce", lambda_ce)
-        self.lambda_dice = check_nonnegative("lambda_dice", lambda_dice)
-        include_background = check_optional_bool("include_background", include_background)
-        self.focal_background = True if include_background is None else include_background
-        self.dice_background = dice_include_background(self.mode, include_background)
-        self.batch_dice = bool(batch_dice)
-        self.smooth = check_nonnegative("smooth", smooth)
-        self.squared = bool(squared)
+        check_nonnegative("lambda_ce", lambda_ce)  # named as the caller wrote it
+        super().__init__(mode, 0.0, None, lambda_ce, lambda_dice, include_background, batch_dice, smooth, squared)
+        self.lambda_ce = self.lambda_focal
 
     def forward_with_terms(self, input: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The total and its unweighted parts ``{"ce": ..., "dice": ...}`` (all scalars, with graph)."""
-        ce, dice = _focal_and_dice(self, input, target, gamma=0.0, alpha=None)
-        return self.lambda_ce * ce + self.lambda_dice * dice, {"ce": ce, "dice": dice}
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """``lambda_ce * ce + lambda_dice * dice`` (a scalar)."""
-        return self.forward_with_terms(input, target)[0]
+        total, terms = super().forward_with_terms(input, target)
+        return total, {"ce": terms["focal"], "dice": terms["dice"]}
 
     def extra_repr(self) -> str:
         return (
@@ -147,7 +137,7 @@ class DiceCELoss(nn.Module):
 
 
 def _focal_and_dice(
-    loss: FocalDiceLoss | DiceCELoss, input: Tensor, target: Tensor, gamma: float, alpha: Tensor | None
+    loss: FocalDiceLoss, input: Tensor, target: Tensor, gamma: float, alpha: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """The mean focal (CE for gamma = 0) and Dice terms of ``loss``'s settings, from one fused pass."""
     batch = prepare(input, target, loss.mode)
