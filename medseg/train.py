@@ -43,7 +43,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train, then validate the best checkpoint. Returns the final metrics as floats."""
+    """Train, then evaluate the best checkpoint on the validation cases. Returns the final metrics as floats."""
     check_required(cfg, {"data.root": DATA_HELP.get(cfg.data.get("layout"), "")})
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
