@@ -80,3 +80,14 @@ def test_wrong_channel_count_is_reported(msd_tree, tmp_path):
     dm = make_datamodule(msd_tree, tmp_path, layout="msd", in_channels=4)
     with pytest.raises(ValueError, match=r"expected 4 image files"):
         dm.setup("fit")
+
+
+def test_cache_holds_every_channel_of_every_case(brats_tree, tmp_path):
+    # Multi-threaded caching once stored a case's image with 1 channel instead of 4 (a race in shared
+    # transforms), about once in 15 builds; 60 builds catch a regression with high probability.
+    dm = make_datamodule(brats_tree, tmp_path)
+    dm.setup("fit")
+    for _ in range(60):
+        dataset = dm._dataset(dm.train_cases, dm.preprocessing)
+        shapes = [(len(item["image"]), len(item["label"])) for item in dataset._cache]
+        assert shapes == [(4, 3)] * len(dm.train_cases)

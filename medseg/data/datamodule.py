@@ -192,7 +192,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.cache_dir:
             return PersistentDataset(cases, full, cache_dir=self.cache_dir)
         if self.cache_rate > 0:
-            return CacheDataset(cases, full, cache_rate=self.cache_rate, num_workers=None, progress=True)
+            # One caching thread: with several, MONAI's shared transform instances raced and now and then
+            # cached a case's 4-channel image as 1 channel (in a few percent of cache builds).
+            return CacheDataset(cases, full, cache_rate=self.cache_rate, num_workers=1, progress=True)
         return Dataset(cases, full)
 
     @property
