@@ -35,9 +35,14 @@ def _num_outputs(mode: str, names: Sequence[str]) -> int:
 
 
 def register_resolvers() -> None:
-    """Register ``${medseg.num_outputs:mode,names}`` (idempotent; imported by every entry point)."""
+    """Register ``${medseg.num_outputs:mode,names}`` and ``${medseg.run_id:}`` (idempotent)."""
+    from medseg.distributed import run_id
+
     if not OmegaConf.has_resolver("medseg.num_outputs"):
         OmegaConf.register_new_resolver("medseg.num_outputs", _num_outputs)
+    if not OmegaConf.has_resolver("medseg.run_id"):
+        # Cached: one folder name per process, like Hydra's ${now:}.
+        OmegaConf.register_new_resolver("medseg.run_id", run_id, use_cache=True)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
 from medseg.data.layouts import BRATS_HELP, MSD_HELP, DatasetError
+from medseg.distributed import patch_lightning_relaunch, resume_checkpoint
 from medseg.module import SegmentationModule
 from medseg.metrics.cases import region_means
 from medseg.report import print_metrics_table, to_floats, write_csv_atomic
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
     save_config(cfg)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir))
     metrics = to_floats(trainer.callback_metrics)
     if cfg.get("evaluate_best") and datamodule.val_cases:
         # The best checkpoint on the validation cases: metrics table, metrics.json, per-case CSV.
@@ -85,6 +86,7 @@ def report(cfg: DictConfig, metrics: dict[str, float], model: SegmentationModule
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    patch_lightning_relaunch()  # DDP ranks of a multirun job run that job, not the sweep again
     try:
         train(cfg)
     except (DatasetError, ConfigError) as err:  # user mistakes: one readable message, no traceback
