@@ -10,7 +10,7 @@ Two kinds of task:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -149,17 +149,34 @@ class ConvertLabelsd(MapTransform):
         return d
 
 
-def check_label_values(label: torch.Tensor, spec: LabelSpec, source: str) -> None:
-    """Raise ``ValueError`` naming ``source`` when ``label`` holds non-integers or values outside ``spec.values``."""
-    values = torch.unique(label)
-    if not torch.equal(values, values.round()):
-        raise ValueError(f"{source}: expected integer label values, got non-integers such as {values[values != values.round()][:3].tolist()}")
-    unexpected = sorted(set(values.long().tolist()) - set(spec.values))
+def label_values_problem(values: Iterable[float], spec: LabelSpec) -> str | None:
+    """What is wrong with the distinct values of a label volume, or ``None`` when they fit ``spec``.
+
+    Args:
+        values: the distinct values of the volume (as from ``unique``), in increasing order.
+        spec: the dataset's label convention.
+
+    Returns:
+        A message about non-integer values (NaN and Inf included) or values outside ``spec.values``.
+    """
+    values = [float(v) for v in values]
+    non_integers = [v for v in values if not v.is_integer()]
+    if non_integers:
+        return f"expected integer label values, got non-integers such as {non_integers[:3]}"
+    unexpected = sorted({int(v) for v in values} - set(spec.values))
     if unexpected:
-        raise ValueError(
-            f"{source}: unexpected label values {unexpected}; expected a subset of "
+        return (
+            f"unexpected label values {unexpected}; expected a subset of "
             f"{list(spec.values)} (set data.labels.values if the dataset uses another convention)"
         )
+    return None
+
+
+def check_label_values(label: torch.Tensor, spec: LabelSpec, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` when ``label`` holds non-integers or values outside ``spec.values``."""
+    problem = label_values_problem(torch.unique(label).tolist(), spec)
+    if problem:
+        raise ValueError(f"{source}: {problem}")
 
 
 def region_sizes(spec: LabelSpec, label: np.ndarray) -> dict[str, int]:

@@ -6,13 +6,18 @@ Each reader returns a list of *case records*, the dictionaries MONAI's dictionar
 
 ``image`` is always a list of per-channel files (one entry per modality, in the configured order) and
 ``label`` is ``None`` for cases without a reference segmentation (test sets).
+
+The ``find_*``/``read_*`` readers raise :class:`DatasetError` listing every problem at once; the ``scan_*``
+functions under them return the cases together with the problems (:class:`LayoutProblem`), for the
+dataset check (:mod:`medseg.data.check`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -51,6 +56,70 @@ def brats_file(folder: Path, case: str, modality: str) -> Path | None:
     return found
 
 
+class LayoutProblem(NamedTuple):
+    """A problem found while listing a dataset's cases.
+
+    Attributes:
+        case: the case id, or ``None`` for a problem of the whole dataset (missing root, bad ``dataset.json``).
+        path: the file or folder at fault (for ``dataset.json`` entries: the json file).
+        message: what is wrong and, where useful, how to fix it.
+    """
+
+    case: str | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def _raise_for(problems: list[LayoutProblem], what: str) -> None:
+    """Raise one :class:`DatasetError` listing every problem (one line each), if there are any."""
+    if len(problems) == 1:
+        raise DatasetError(str(problems[0]))
+    if problems:
+        raise DatasetError(f"{what} has {len(problems)} problems:\n  " + "\n  ".join(str(p) for p in problems))
+
+
+def scan_brats_cases(
+    root: str | Path,
+    modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
+    require_label: bool = True,
+) -> tuple[list[CaseRecord], list[LayoutProblem]]:
+    """Every case folder of a BraTS-layout root and every problem found listing them, without raising.
+
+    Args:
+        root: folder holding one sub-folder per case.
+        modalities: modality names (2018-2021 naming) in channel order.
+        require_label: a case without a ``_seg`` file is a problem (training data).
+
+    Returns:
+        Case records sorted by case id, incomplete ones included: a missing file is ``None`` in ``image``
+        or ``label``. The problems: a missing root, no case folder, one per missing file.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        return [], [LayoutProblem(None, str(root), f"BraTS data root does not exist or is not a folder. {BRATS_HELP}")]
+    cases: list[CaseRecord] = []
+    problems: list[LayoutProblem] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        case = folder.name
+        images = [brats_file(folder, case, m) for m in modalities]
+        label = brats_file(folder, case, "seg")
+        # Name a missing file in the naming the case's other files use.
+        naming_2023 = any(f is not None and f.name.startswith(f"{case}-") for f in [*images, label])
+        expected = {m: f"{case}-{BRATS_2023_NAMES.get(m, m)}.nii.gz" if naming_2023 else f"{case}_{m}.nii.gz" for m in [*modalities, "seg"]}
+        for modality, found in zip(modalities, images):
+            if found is None:
+                problems.append(LayoutProblem(case, str(folder / expected[modality]), f"missing modality file {modality!r} (expected {expected[modality]})"))
+        if label is None and require_label:
+            problems.append(LayoutProblem(case, str(folder / expected["seg"]), f"missing label file (expected {expected['seg']})"))
+        cases.append({"case": case, "image": [str(f) if f else None for f in images], "label": str(label) if label else None})
+    if not cases:
+        problems.append(LayoutProblem(None, str(root), f"BraTS data root holds no case folders (expected one sub-folder per case). {BRATS_HELP}"))
+    return cases, problems
+
+
 def find_brats_cases(
     root: str | Path,
     modalities: tuple[str, ...] | list[str] = ("t1", "t1ce", "t2", "flair"),
@@ -72,37 +141,88 @@ def find_brats_cases(
         Case records sorted by case id.
 
     Raises:
-        DatasetError: ``root`` does not exist, holds no case folder, or a case lacks a modality or label.
+        DatasetError: ``root`` does not exist, holds no case folder, or cases lack modality or label
+            files (every missing file is listed).
     """
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DatasetError(f"BraTS data root {str(root)!r} does not exist or is not a folder. {BRATS_HELP}")
-    cases: list[CaseRecord] = []
-    problems: list[str] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        case = folder.name
-        images = [brats_file(folder, case, m) for m in modalities]
-        label = brats_file(folder, case, "seg")
-        missing = [m for m, f in zip(modalities, images) if f is None]
-        if missing:
-            problems.append(f"{folder}: missing modality file(s) {missing} (expected {case}_<modality>.nii.gz)")
-            continue
-        if label is None and require_label:
-            problems.append(f"{folder}: missing label file {case}_seg.nii.gz")
-            continue
-        cases.append({"case": case, "image": [str(f) for f in images], "label": str(label) if label else None})
-    if problems:
-        raise DatasetError(f"BraTS data root {str(root)!r} has {len(problems)} incomplete case(s):\n  " + "\n  ".join(problems))
-    if not cases:
-        raise DatasetError(f"BraTS data root {str(root)!r} holds no case folders. {BRATS_HELP}")
+    cases, problems = scan_brats_cases(root, modalities, require_label)
+    _raise_for(problems, f"BraTS data root {str(Path(root).expanduser().resolve())!r}")
     return cases
 
 
-def _resolve(base: Path, entry: str, json_path: Path, what: str) -> str:
-    path = (base / entry).resolve() if not Path(entry).is_absolute() else Path(entry)
-    if not path.is_file():
-        raise DatasetError(f"{json_path}: {what} {entry!r} points to missing file {str(path)!r}")
-    return str(path)
+def _resolve(base: Path, entry: str) -> Path:
+    return (base / entry).resolve() if not Path(entry).is_absolute() else Path(entry)
+
+
+def scan_msd_datalist(
+    root: str | Path,
+    section: Literal["training", "test"] = "training",
+    require_label: bool = True,
+) -> tuple[list[CaseRecord], list[LayoutProblem]]:
+    """Every case listed in an MSD ``dataset.json`` and every problem found reading it, without raising.
+
+    Args:
+        root: the task folder holding ``dataset.json`` (or the json file itself).
+        section: ``"training"`` (entries with ``image`` and ``label``) or ``"test"`` (images only).
+        require_label: a training entry without a label is a problem.
+
+    Returns:
+        Case records in the json's order (entries without a usable ``image`` are left out); a file the
+        json points to that does not exist is ``None`` in ``image`` or ``label``. The problems: a missing
+        or malformed json, an empty section, malformed entries, missing files, duplicate case ids.
+    """
+    root = Path(root).expanduser()
+    json_path = root if root.suffix == ".json" else root / "dataset.json"
+    if not json_path.is_file():
+        return [], [LayoutProblem(None, str(json_path), f"no dataset.json found in MSD data root {str(root)!r}. {MSD_HELP}")]
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return [], [LayoutProblem(None, str(json_path), f"malformed JSON ({err})")]
+    entries = meta.get(section) if isinstance(meta, dict) else None
+    if not isinstance(entries, list) or not entries:
+        got = "an empty list" if isinstance(entries, list) else type(entries).__name__
+        return [], [LayoutProblem(None, str(json_path), f"expected a non-empty list under {section!r}, got {got}")]
+    base = json_path.parent
+    cases: list[CaseRecord] = []
+    entry_problems: list[list[str]] = []  # per case; the case ids are known only once all are listed
+    problems: list[LayoutProblem] = []
+    for i, entry in enumerate(entries):
+        where = f"{section}[{i}]"
+        if isinstance(entry, str):  # MSD test lists are plain paths
+            entry = {"image": entry}
+        image = entry.get("image") if isinstance(entry, dict) else None
+        image_entries = image if isinstance(image, list) else [image]
+        if not image_entries or not all(isinstance(e, str) and e for e in image_entries):
+            problems.append(LayoutProblem(None, str(json_path), f"{where}: expected an 'image' path or list of paths, got {image!r}"))
+            continue
+        found: list[str] = []
+        for e in image_entries:
+            path = _resolve(base, e)
+            if not path.is_file():
+                found.append(f"{where}.image {e!r} points to missing file {str(path)!r}")
+        label = entry.get("label")
+        label_path = _resolve(base, label) if isinstance(label, str) and label else None
+        if label is None and require_label and section == "training":
+            found.append(f"{where} ({image_entries[0]}) has no 'label' entry")
+        elif label is not None and label_path is None:
+            found.append(f"{where}: expected a 'label' path, got {label!r}")
+        elif label_path is not None and not label_path.is_file():
+            found.append(f"{where}.label {label!r} points to missing file {str(label_path)!r}")
+        case = entry.get("case")
+        cases.append({"case": str(case) if case else None, "image": [str(_resolve(base, e)) for e in image_entries], "label": str(label_path) if label_path else None, "_entry": where})
+        entry_problems.append(found)
+    _assign_case_ids(cases, base)
+    first_entry: dict[str, str] = {}
+    for case, found in zip(cases, entry_problems):
+        problems.extend(LayoutProblem(case["case"], str(json_path), message) for message in found)
+        where = case.pop("_entry")
+        if case["case"] in first_entry:
+            problems.append(LayoutProblem(case["case"], str(json_path), f"duplicate case id {case['case']!r} ({first_entry[case['case']]} and {where})"))
+        first_entry.setdefault(case["case"], where)
+        case["image"] = [f if Path(f).is_file() else None for f in case["image"]]
+        if case["label"] is not None and not Path(case["label"]).is_file():
+            case["label"] = None
+    return cases, problems
 
 
 def read_msd_datalist(
@@ -124,38 +244,12 @@ def read_msd_datalist(
         Case records in the json's order; the case id is the image file name without extension.
 
     Raises:
-        DatasetError: missing or malformed json, an empty section, or entries pointing to missing files.
+        DatasetError: missing or malformed json, an empty section, malformed entries, entries pointing to
+            missing files or duplicate case ids (every problem is listed).
     """
-    root = Path(root).expanduser()
-    json_path = root if root.suffix == ".json" else root / "dataset.json"
-    if not json_path.is_file():
-        raise DatasetError(f"MSD data root {str(root)!r}: no dataset.json found at {str(json_path)!r}. {MSD_HELP}")
-    try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{json_path}: malformed JSON ({err})") from err
-    entries = meta.get(section) if isinstance(meta, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise DatasetError(f"{json_path}: expected a non-empty list under {section!r}, got {type(entries).__name__}")
-    base = json_path.parent
-    cases: list[CaseRecord] = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):  # MSD test lists are plain paths
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or "image" not in entry:
-            raise DatasetError(f"{json_path}: {section}[{i}] has no 'image' entry")
-        image_entries = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        images = [_resolve(base, e, json_path, f"{section}[{i}].image") for e in image_entries]
-        label = entry.get("label")
-        if label is None and require_label and section == "training":
-            raise DatasetError(f"{json_path}: {section}[{i}] ({image_entries[0]}) has no 'label' entry")
-        label_path = _resolve(base, label, json_path, f"{section}[{i}].label") if label else None
-        cases.append({"case": entry.get("case"), "image": images, "label": label_path})
-    _assign_case_ids(cases, base)
-    ids = [c["case"] for c in cases]
-    duplicates = sorted({c for c in ids if ids.count(c) > 1})
-    if duplicates:
-        raise DatasetError(f"{json_path}: duplicate case ids {duplicates[:5]}")
+    cases, problems = scan_msd_datalist(root, section, require_label)
+    json_path = Path(root).expanduser()
+    _raise_for(problems, str(json_path if json_path.suffix == ".json" else json_path / "dataset.json"))
     return cases
 
 
