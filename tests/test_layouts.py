@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medseg.data.labels import LabelSpec
-from medseg.data.layouts import DatasetError, find_brats_cases, find_cases, read_msd_datalist
+from medseg.data.layouts import DatasetError, find_brats_cases, find_cases, read_msd_datalist, scan_brats_cases, scan_msd_datalist
 from medseg.data.transforms import preprocessing
 
 from conftest import BRATS_LABELS, shared_dataset
@@ -140,3 +140,48 @@ def test_real_hippocampus_msd():
     assert out["image"].shape == (1, *seg.shape) == tuple(out["label"].shape)
     assert sorted(out["label"].unique().tolist()) == [0.0, 1.0, 2.0]
     assert [float((out["label"] == v).sum()) for v in (1, 2)] == [float((seg == v).sum()) for v in (1, 2)]
+
+
+def test_every_missing_brats_file_is_listed_at_once(brats_copy):
+    (brats_copy / "SYN-0001" / "SYN-0001_t2.nii.gz").unlink()
+    (brats_copy / "SYN-0001" / "SYN-0001_seg.nii.gz").unlink()
+    (brats_copy / "SYN-0004" / "SYN-0004_flair.nii.gz").unlink()
+    cases, problems = scan_brats_cases(brats_copy)
+    assert len(cases) == 6 and cases[1]["image"][2] is None and cases[1]["label"] is None
+    assert [(p.case, os.path.basename(p.path)) for p in problems] == [("SYN-0001", "SYN-0001_t2.nii.gz"), ("SYN-0001", "SYN-0001_seg.nii.gz"), ("SYN-0004", "SYN-0004_flair.nii.gz")]
+    with pytest.raises(DatasetError, match=r"has 3 problems:\n.*SYN-0001_t2.*missing modality file 't2'.*\n.*SYN-0001_seg.*missing label.*\n.*SYN-0004_flair"):
+        find_brats_cases(brats_copy)
+
+
+def test_missing_brats_2023_file_is_named_in_2023_naming(brats_copy):
+    for old, new in {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}.items():
+        os.rename(brats_copy / "SYN-0000" / f"SYN-0000_{old}.nii.gz", brats_copy / "SYN-0000" / f"SYN-0000-{new}.nii.gz")
+    (brats_copy / "SYN-0000" / "SYN-0000_flair.nii.gz").unlink()
+    _, problems = scan_brats_cases(brats_copy)
+    assert [os.path.basename(p.path) for p in problems] == ["SYN-0000-t2f.nii.gz"]
+
+
+def test_msd_scan_lists_every_entry_problem(msd_tree, tmp_path):
+    broken = shutil.copytree(msd_tree, tmp_path / "task")
+    meta = json.loads((broken / "dataset.json").read_text())
+    meta["training"][0]["image"][1] = "./imagesTr/absent.nii.gz"
+    meta["training"][2]["label"] = "./labelsTr/absent.nii.gz"
+    meta["training"].append(meta["training"][3])
+    (broken / "dataset.json").write_text(json.dumps(meta))
+    cases, problems = scan_msd_datalist(broken)
+    assert len(cases) == 7 and cases[0]["image"][1] is None and cases[2]["label"] is None
+    assert [p.case for p in problems] == ["imagesTr/SYN-0000", "imagesTr/SYN-0002", "imagesTr/SYN-0003"]
+    assert "duplicate case id 'imagesTr/SYN-0003' (training[3] and training[6])" in problems[2].message
+    with pytest.raises(DatasetError, match=r"dataset.json has 3 problems"):
+        read_msd_datalist(broken)
+
+
+def test_a_case_listed_twice_keeps_file_name_ids(tmp_path):
+    root = tmp_path / "task"
+    (root / "imagesTr").mkdir(parents=True)
+    for name in ("a", "b"):
+        (root / "imagesTr" / f"{name}.nii.gz").write_bytes(b"")
+    entries = [{"image": f"./imagesTr/{n}.nii.gz"} for n in ("a", "b", "a")]
+    (root / "dataset.json").write_text(json.dumps({"training": entries}))
+    cases, problems = scan_msd_datalist(root, require_label=False)
+    assert [c["case"] for c in cases] == ["a", "b", "a"] and [p.case for p in problems] == ["a"]

@@ -261,11 +261,15 @@ def _strip_nifti_suffix(name: str) -> str:
 
 def _assign_case_ids(cases: list[CaseRecord], base: Path) -> None:
     """Case ids from the first image's file name (``hippocampus_001``), or from its folder when file names
-    repeat across cases (``patient07/flair.nii.gz``), unless the json gives an explicit ``case``."""
+    repeat across cases (``patient07/flair.nii.gz``) and the folders tell more cases apart, unless the json
+    gives an explicit ``case``."""
     first = [Path(c["image"][0]) for c in cases]
     stems = [_strip_nifti_suffix(p.name) for p in first]
     if len(set(stems)) < len(stems):
-        stems = [str(p.parent.relative_to(base)) if p.parent.is_relative_to(base) else p.parent.name for p in first]
+        folders = [str(p.parent.relative_to(base)) if p.parent.is_relative_to(base) else p.parent.name for p in first]
+        # A case listed twice repeats its file name, but is no reason to name every case by its folder.
+        if len(set(folders)) > len(set(stems)):
+            stems = folders
     for case, stem in zip(cases, stems):
         case["case"] = case["case"] or stem
 
@@ -277,6 +281,15 @@ def find_cases(layout: Literal["brats", "msd"], root: str | Path, **kwargs: Any)
     if layout == "msd":
         kwargs.pop("modalities", None)  # MSD lists its channels in dataset.json
         return read_msd_datalist(root, **kwargs)
+    raise ValueError(f"expected data.layout to be 'brats' or 'msd', got {layout!r}")
+
+
+def scan_cases(layout: Literal["brats", "msd"], root: str | Path, modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair")) -> tuple[list[CaseRecord], list[LayoutProblem]]:
+    """Dispatch to :func:`scan_brats_cases` or :func:`scan_msd_datalist` (training section) by layout name."""
+    if layout == "brats":
+        return scan_brats_cases(root, modalities)
+    if layout == "msd":
+        return scan_msd_datalist(root)
     raise ValueError(f"expected data.layout to be 'brats' or 'msd', got {layout!r}")
 
 
