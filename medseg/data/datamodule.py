@@ -16,6 +16,7 @@ from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.transforms import Compose
 from torch.utils.data import DistributedSampler
 
+from medseg.data.check import check_before_training
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import CaseRecord, find_cases
 from medseg.data.transforms import augmentation_from_config, preprocessing
@@ -81,6 +82,8 @@ class SegmentationDataModule(L.LightningDataModule):
         split_path: where the split is saved as JSON (the run directory); an existing file there is reused,
             so a resumed run validates on the same cases.
         pin_memory: pin host memory for faster host-to-GPU copies.
+        check: the ``data.check`` node: the dataset check run by :meth:`prepare_data` (see
+            :func:`medseg.data.check.check_before_training`); ``None`` skips it.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class SegmentationDataModule(L.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,
         split_path: str | None = None,
         pin_memory: bool = False,
+        check: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or samples_per_volume < 1:
@@ -135,6 +139,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic else None
         self.split_path = split_path
         self.pin_memory = pin_memory
+        self.check = dict(check) if check is not None else None
         self.train_cases: list[CaseRecord] = []
         self.val_cases: list[CaseRecord] = []
         self._train_dataset: Dataset | None = None
@@ -146,6 +151,8 @@ class SegmentationDataModule(L.LightningDataModule):
             from medseg.data.synthetic import generate_dataset
 
             generate_dataset(self.root, self.synthetic["cases"], **{k: v for k, v in self.synthetic.items() if k != "cases"})
+        # After generation, so that synthetic data are checked too; raises DatasetError naming the check command.
+        check_before_training(self.layout, self.root, self.label_spec, self.modalities, self.in_channels, self.check)
 
     def find_cases(self) -> list[CaseRecord]:
         """All labelled cases of the dataset (raises :class:`medseg.data.layouts.DatasetError` with the fix)."""
