@@ -335,6 +335,25 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     assert json.loads(cache.path.read_text())["version"] == check_module.CACHE_VERSION
 
 
+def test_interrupted_check_keeps_what_the_cache_knew(tmp_path, monkeypatch):
+    root = make_brats(tmp_path / "brats")
+    cache_dir = tmp_path / "cache"
+    check_dataset("brats", root, BRATS_LABELS, cache_dir=cache_dir, num_workers=1)
+    os.utime(brats_file(root, "C000", "t1"), ns=(1, 1))
+    real_check = check_module._check_case
+
+    def interrupted(case, **kwargs):
+        if case["case"] == "C001":
+            raise KeyboardInterrupt
+        return real_check(case, **kwargs)
+
+    monkeypatch.setattr(check_module, "_check_case", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        check_dataset("brats", root, BRATS_LABELS, cache_dir=cache_dir, num_workers=1)
+    files = json.loads(FactsCache(cache_dir, root).path.read_text())["files"]
+    assert len(files) == 15 and files[str(brats_file(root, "C000", "t1"))]["mtime_ns"] == 1
+
+
 # --- before training ------------------------------------------------------------------------------------
 
 

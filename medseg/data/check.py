@@ -220,7 +220,12 @@ class FactsCache:
         except OSError as err:
             return VolumeFacts(error=_one_line(err))
         entry = self._old.get(path)
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns and (entry["facts"].get("values") is not None or not with_values):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("facts"), dict)
+            and (entry.get("size"), entry.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+            and (entry["facts"].get("values") is not None or not with_values)  # a label needs its values
+        ):
             facts = VolumeFacts.from_json(entry["facts"])
         else:
             facts = read_volume(path, with_values)
@@ -230,16 +235,22 @@ class FactsCache:
             self._new[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "facts": asdict(facts)}
         return facts
 
-    def save(self) -> None:
-        """Write the entries of this check (dropping files no longer checked), if anything changed."""
-        if self.path is None or (self.reads == 0 and self._new.keys() == self._old.keys()):
+    def save(self, complete: bool = True) -> None:
+        """Write what is known, if anything changed.
+
+        Args:
+            complete: every file of the dataset was looked at: entries of other files (deleted, renamed)
+                are dropped. An interrupted check keeps them.
+        """
+        files = self._new if complete else {**self._old, **self._new}
+        if self.path is None or (self.reads == 0 and files.keys() == self._old.keys()):
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Written beside and renamed, so a concurrent check never reads half a file (not
             # datamodule.write_json_atomic: importing the data module would pull Lightning into the CLI).
             tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": self._new}))
+            tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": files}))
             os.replace(tmp, self.path)
         except OSError as err:  # a read-only cache folder makes later checks slower, not wrong
             log.warning("Data check: could not write the cache %s (%s); set data.check.cache_dir to a writable folder", self.path, err)
@@ -268,9 +279,9 @@ def _check_case(
     def error(path: str, message: str) -> None:
         problems.append(Problem("error", name, path, message))
 
-    images = [f for f in case["image"] if f is not None]
+    images = [p for p in case["image"] if p is not None]
     label = case.get("label")
-    facts = {f: cache.facts(f) for f in images}
+    facts = {p: cache.facts(p) for p in images}
     if label is not None:
         facts[label] = cache.facts(label, with_values=True)
     for path, f in facts.items():
@@ -283,20 +294,20 @@ def _check_case(
             error(path, f"expected finite voxel values, got {f.nan} NaN and {f.inf} Inf voxel(s)")
         if not np.isfinite(np.asarray(f.affine)).all():
             error(path, "the affine (voxel-to-world matrix) holds NaN or Inf: a broken header")
-    readable = [f for f in images if not facts[f].error and len(facts[f].shape) >= 3]
+    readable = [p for p in images if not facts[p].error and len(facts[p].shape) >= 3]
 
     for path in readable:
         if facts[path].all_zero:
             error(path, "all-zero image (every voxel is 0)")
     if in_channels is not None and len(readable) == len(case["image"]):
-        channels = sum(int(np.prod(facts[f].shape[3:], dtype=np.int64)) for f in readable)
+        channels = sum(int(np.prod(facts[p].shape[3:], dtype=np.int64)) for p in readable)
         if channels != in_channels:
-            shapes = ", ".join(str(facts[f].shape) for f in readable)
+            shapes = ", ".join(str(facts[p].shape) for p in readable)
             error(readable[0], f"expected {in_channels} image channel(s) (data.in_channels), got {channels} in {len(readable)} file(s) of shape {shapes}")
     if readable:
         ref = readable[0]
         ref_name, ref_shape, ref_affine = Path(ref).name, _spatial(facts[ref].shape), facts[ref].affine
-        others = [(f, "image") for f in readable[1:]]
+        others = [(p, "image") for p in readable[1:]]
         if label is not None and not facts[label].error and len(facts[label].shape) >= 3:
             others.append((label, "label"))
         for path, kind in others:
@@ -360,11 +371,12 @@ def check_dataset(
     cache = FactsCache(cache_dir, root)
     check_one = partial(_check_case, cache=cache, labels=spec, in_channels=in_channels, affine_tolerance=affine_tolerance, expect_foreground=expect_foreground)
     pool = ThreadPoolExecutor(max(1, int(num_workers)), thread_name_prefix="data-check")
+    results: list[tuple[list[Problem], int]] = []
     try:
         results = list(tqdm(pool.map(check_one, cases), total=len(cases), desc="Checking cases", unit="case", disable=not progress or not cases))
     finally:  # on Ctrl-C: drop the cases not started, keep what was learnt
         pool.shutdown(wait=True, cancel_futures=True)
-        cache.save()
+        cache.save(complete=len(results) == len(cases))
     for case_problems, n_files in results:
         problems.extend(case_problems)
         report.files += n_files
@@ -436,8 +448,11 @@ def check_before_training(
             + "\n".join(lines)
             + f"\nFix them (or set data.check.enabled=false) and list every problem with: {check_command(root)}"
         )
-    for problem in report.warnings[:MAX_LISTED]:
+    warnings = report.warnings
+    for problem in warnings[:MAX_LISTED]:
         log.warning("%s", problem.format())
+    if len(warnings) > MAX_LISTED:
+        log.warning("... and %d more warning(s): %s", len(warnings) - MAX_LISTED, check_command(root))
     log.info("Data check: %s", report.summary())
     return report
 
