@@ -19,8 +19,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch.distributed as dist
 
 log = logging.getLogger("medseg")
 
@@ -29,6 +32,9 @@ TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"  # the same as Hydra's default run folders
 SLURM_INTERACTIVE_NAMES = ("bash", "interactive")
 # Hydra flags that select the config and must reach the re-launched processes as they were given.
 HYDRA_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+# Set by Lightning's launcher in the launching process; left behind, the next run of a multirun would take
+# them for an external launcher's and start no processes of its own.
+LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
@@ -137,3 +143,20 @@ def patch_lightning_relaunch() -> None:
     from lightning.pytorch.strategies.launchers import subprocess_script
 
     subprocess_script._hydra_subprocess_cmd = _sweep_aware_subprocess_cmd
+
+
+@contextmanager
+def one_run_per_process_group() -> Iterator[None]:
+    """Let DDP runs follow one another in one process (Hydra multirun): each ends its process group and
+    takes back the launcher's environment variables."""
+    before = {key: os.environ.get(key) for key in LAUNCHER_ENVIRONMENT}
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

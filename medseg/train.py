@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
 from medseg.data.layouts import BRATS_HELP, MSD_HELP, DatasetError
-from medseg.distributed import patch_lightning_relaunch, resume_checkpoint
+from medseg.distributed import one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
 from medseg.module import SegmentationModule
 from medseg.metrics.cases import region_means
 from medseg.report import print_metrics_table, to_floats, write_csv_atomic
@@ -88,7 +88,8 @@ def report(cfg: DictConfig, metrics: dict[str, float], model: SegmentationModule
 def main(cfg: DictConfig) -> None:
     patch_lightning_relaunch()  # DDP ranks of a multirun job run that job, not the sweep again
     try:
-        train(cfg)
+        with one_run_per_process_group():
+            train(cfg)
     except (DatasetError, ConfigError) as err:  # user mistakes: one readable message, no traceback
         log.error("%s", err)
         sys.exit(1)

@@ -70,12 +70,12 @@ def test_resume_continues_from_checkpoint(brats_tree, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train(tiny_run(brats_tree, first, "trainer.max_epochs=2", "evaluate_best=false"))
     last = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert last["epoch"] == 2  # epochs completed
+    assert last["epoch"] == 1  # last.ckpt is written at the end of every training epoch (0-based index)
     steps_per_epoch = last["global_step"] // 2
 
     train(tiny_run(brats_tree, second, "trainer.max_epochs=3", "evaluate_best=false", f"ckpt_path={first}/checkpoints/last.ckpt"))
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert resumed["epoch"] == 3 and resumed["global_step"] == 3 * steps_per_epoch
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
     rows = list(csv.DictReader((second / "csv" / "metrics.csv").open()))
     assert {int(r["epoch"]) for r in rows if r["epoch"]} == {2}  # only the third epoch was trained again
     assert min(int(r["step"]) for r in rows) == 2 * steps_per_epoch
