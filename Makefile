@@ -32,9 +32,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The 2-process DDP training run on CPU (gloo), opt-in.
+# Only the multi-process tests: DDP, torchrun, simulated SLURM jobs, multirun (2 CPU processes, gloo).
 test-ddp: $(STAMP)
-	MEDSEG_TEST_DDP=1 $(BIN)/python -m pytest tests/test_ddp.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/test_ddp.py tests/test_distributed.py $(PYTEST_ARGS)
 
 # Execute notebooks/inspect_predictions.ipynb headless against the newest demo checkpoint (run make demo first);
 # the executed copy is written to outputs/notebooks/.
