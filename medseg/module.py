@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -18,6 +22,15 @@ from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
 
 # Lesion-wise values logged every validation, besides per-bucket recalls and reference-lesion counts.
 LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_dice")
+NONFINITE_ACTIONS = ("stop", "skip")
+log = logging.getLogger("medseg")
+# Validation and test values are torchmetrics results, already reduced over processes; train/loss is the
+# value of rank 0's batches (syncing it every step would cost a collective per step).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test)/", category=PossibleUserWarning)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN or infinite loss or gradient; the message names the step and the batch's cases."""
 
 
 class SegmentationModule(L.LightningModule):
@@ -37,6 +50,10 @@ class SegmentationModule(L.LightningModule):
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         lesion_metrics: options of :class:`medseg.metrics.lesion.LesionMetrics` (connectivity, size buckets,
             ...) to track lesion-wise detection per region, or ``None`` to skip them.
+        nonfinite: what a NaN or infinite loss or gradient does: ``"stop"`` training with
+            :class:`NonFiniteLossError` naming the step and the batch's cases, or ``"skip"`` that optimizer step
+            (the weights stay as they were). Either way no non-finite weights are ever written.
+        max_skipped_steps: with ``"skip"``, stop anyway after this many skipped steps in a row.
 
     Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
     ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
@@ -56,13 +73,20 @@ class SegmentationModule(L.LightningModule):
         empty_score: float = 1.0,
         scheduler_interval: str = "epoch",
         lesion_metrics: Mapping[str, Any] | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"expected nonfinite in {NONFINITE_ACTIONS}, got {nonfinite!r}")
+        if max_skipped_steps < 1:
+            raise ValueError(f"expected max_skipped_steps >= 1, got {max_skipped_steps}")
         labels, inferer = _plain(labels), _plain(inferer)
         lesion_metrics = _plain(lesion_metrics) if lesion_metrics else None
         # Plain containers only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
-            {"labels": labels, "inferer": inferer, "threshold": threshold, "empty_score": empty_score, "scheduler_interval": scheduler_interval, "lesion_metrics": lesion_metrics},
+            {"labels": labels, "inferer": inferer, "threshold": threshold, "empty_score": empty_score, "scheduler_interval": scheduler_interval, "lesion_metrics": lesion_metrics,
+             "nonfinite": nonfinite, "max_skipped_steps": max_skipped_steps},
             logger=False,
         )
         self.net = net
@@ -80,6 +104,8 @@ class SegmentationModule(L.LightningModule):
         ) if lesion_metrics else None
         self.case_rows: list[dict[str, Any]] = []
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
+        self._nonfinite_batch: str | None = None  # what this process saw in the current step
+        self._skipped_in_a_row = 0
 
     def forward(self, image: Tensor) -> Tensor:
         """Logits ``(B, C_out, H, W, D)`` for a batch of patches ``(B, C_in, H, W, D)``."""
@@ -98,7 +124,39 @@ class SegmentationModule(L.LightningModule):
         else:
             loss = self.loss(logits, target)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        self._nonfinite_batch = None if torch.isfinite(loss) else f"loss {loss.item()} on cases {list(dict.fromkeys(batch.get('case') or []))}"
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop or skip the step when a gradient is NaN or infinite (checked after the DDP all-reduce, so every
+        process decides alike); runs before gradient clipping, which would spread a NaN to every weight."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if finite:
+            self._skipped_in_a_row = 0
+            return
+        where = f"step {self.global_step} (epoch {self.current_epoch}): {self._nonfinite_culprits()}"
+        if self.hparams.nonfinite == "stop" or self._skipped_in_a_row >= self.hparams.max_skipped_steps:
+            reason = "" if self.hparams.nonfinite == "stop" else f" after {self._skipped_in_a_row} skipped steps in a row"
+            raise NonFiniteLossError(
+                f"non-finite loss or gradients at {where}{reason}. Training stopped before the weights changed; "
+                "try a lower optimizer.lr, trainer.gradient_clip_val, check the data (python -m medseg.data.check), "
+                "or skip such steps with model.nonfinite=skip"
+            )
+        optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
+        self._skipped_in_a_row += 1
+        if self.trainer.is_global_zero:
+            log.warning("Skipped the optimizer step at %s", where)
+        self.log("train/skipped_steps", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+
+    def _nonfinite_culprits(self) -> str:
+        """What every process saw in this step (collective: called by all processes alike)."""
+        seen = [self._nonfinite_batch]
+        if dist.is_available() and dist.is_initialized():
+            seen = [None] * dist.get_world_size()
+            dist.all_gather_object(seen, self._nonfinite_batch)
+        named = [f"rank {rank}: {what}" if len(seen) > 1 else what for rank, what in enumerate(seen) if what]
+        return "; ".join(named) or "non-finite gradients with a finite loss"
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)

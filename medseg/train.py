@@ -22,7 +22,7 @@ from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
 from medseg.data.layouts import BRATS_HELP, MSD_HELP, DatasetError
 from medseg.distributed import one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
-from medseg.module import SegmentationModule
+from medseg.module import NonFiniteLossError, SegmentationModule
 from medseg.metrics.cases import region_means
 from medseg.report import print_metrics_table, to_floats, write_csv_atomic
 
@@ -90,7 +90,7 @@ def main(cfg: DictConfig) -> None:
     try:
         with one_run_per_process_group():
             train(cfg)
-    except (DatasetError, ConfigError) as err:  # user mistakes: one readable message, no traceback
+    except (DatasetError, ConfigError, NonFiniteLossError) as err:  # one readable message, no traceback
         log.error("%s", err)
         sys.exit(1)
 

@@ -24,6 +24,7 @@ def tiny_run(root: Path, out: Path, *extra: str):
             f"data.root={root}",
             "data.synthetic=null",
             f"paths.output_dir={out}",
+            f"data.check.cache_dir={out / '.data_checks'}",
             "data.patch_size=[32,32,32]",
             "data.num_workers=0",
             "data.val_fraction=0.34",
