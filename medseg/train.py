@@ -8,6 +8,7 @@ tests and sweeps call it directly; ``main`` only adds Hydra and readable errors.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import ConfigError, check_required, register_resolvers
@@ -93,6 +95,9 @@ def main(cfg: DictConfig) -> None:
     except (DatasetError, ConfigError, NonFiniteLossError) as err:  # one readable message, no traceback
         log.error("%s", err)
         sys.exit(1)
+    except SIGTERMException:  # Lightning stops cleanly on SIGTERM, but as a SystemExit with status 0
+        log.error("Training stopped by SIGTERM. Continue it with: hydra.run.dir=%s ckpt_path=last", cfg.paths.output_dir)
+        sys.exit(128 + signal.SIGTERM)
 
 
 register_resolvers()
