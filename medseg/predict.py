@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from copy import deepcopy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -167,18 +168,20 @@ def check_output_folder(output: str | Path, input_folders: list[Path], brats_roo
     return out
 
 
-def infer_probabilities(model: SegmentationModule, image: Tensor, tta: bool = False) -> Tensor:
+def infer_probabilities(model: SegmentationModule, image: Tensor, tta: bool = False, flip_axes: Sequence[int] = (0, 1, 2)) -> Tensor:
     """Sliding-window probabilities of one preprocessed volume.
 
     Args:
         model: the trained module (its ``predict_volume`` and ``mode``).
         image: ``(C_in, H, W, D)`` float32, on the model's device.
-        tta: average over the 8 flips of the three spatial axes (each prediction flipped back first).
+        tta: average over the flips of ``flip_axes`` (8 for three axes; each prediction flipped back first).
+        flip_axes: spatial axes (0, 1, 2) to flip: those the model was trained with (``data.augment.flip_axes``).
 
     Returns:
         ``(C_out, H, W, D)`` float32: per-region sigmoid or per-class softmax probabilities.
     """
-    flips = [axes for k in range(4) for axes in combinations((2, 3, 4), k)] if tta else [()]
+    dims = tuple(2 + int(a) for a in flip_axes)  # spatial axes of (1, C, H, W, D)
+    flips = [axes for k in range(len(dims) + 1) for axes in combinations(dims, k)] if tta else [()]
     batch = image[None]  # (1, C_in, H, W, D)
     total = None
     with torch.inference_mode():
@@ -290,6 +293,7 @@ class PredictOptions:
     output: Path
     device: torch.device
     tta: bool = False
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # the test-time flips: those of the training augmentation
     threshold: float = 0.5
     min_component_mm3: float = 0.0
     save_probabilities: bool = False
@@ -322,7 +326,7 @@ def predict_case(record: CaseRecord, model: SegmentationModule, transform: Compo
     image = data[IMAGE]  # (C_in, H, W, D) MetaTensor on the preprocessed grid
     if options.in_channels is not None and image.shape[0] != options.in_channels:
         raise ValueError(f"expected {options.in_channels} image channels (the checkpoint's data.in_channels), got {image.shape[0]} from {record['image']}")
-    probs = infer_probabilities(model, image.as_tensor().to(options.device), options.tta)  # (C_out, H, W, D)
+    probs = infer_probabilities(model, image.as_tensor().to(options.device), options.tta, options.flip_axes)  # (C_out, H, W, D)
     probs = to_original_geometry(probs, data, transform)  # (C_out, X, Y, Z)
     if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
         probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
@@ -381,6 +385,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         output=output,
         device=device,
         tta=bool(cfg.tta),
+        flip_axes=tuple(data_cfg.get("augment", {}).get("flip_axes", (0, 1, 2))),
         threshold=float(threshold),
         min_component_mm3=float(cfg.min_component_mm3),
         save_probabilities=bool(cfg.save_probabilities),

@@ -75,6 +75,7 @@ def augmentation(
     samples_per_volume: int = 2,
     foreground_fraction: float = 0.67,
     flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = (0, 1, 2),
     intensity_scale_prob: float = 0.3,
     intensity_shift_prob: float = 0.3,
     intensity_scale: float = 0.1,
@@ -88,11 +89,15 @@ def augmentation(
         foreground_fraction: probability that a patch is centred on a labelled voxel. Small lesions are a
             tiny fraction of the volume; uniform sampling would almost never show them to the network.
         flip_prob: probability of a flip along each axis.
+        flip_axes: the axes (0, 1, 2 = L-R, P-A, I-S after RAS orientation) that may be flipped; leave out an
+            axis along which classes differ by position (hippocampus anterior/posterior: only ``(0,)``).
         intensity_scale_prob, intensity_scale: probability and range of a random intensity scaling.
         intensity_shift_prob, intensity_shift: probability and range of a random intensity offset.
     """
     if not 0.0 <= foreground_fraction <= 1.0:
         raise ValueError(f"expected data.augment.foreground_fraction in [0, 1], got {foreground_fraction}")
+    if not set(flip_axes) <= {0, 1, 2}:
+        raise ValueError(f"expected data.augment.flip_axes among 0, 1, 2, got {list(flip_axes)}")
     keys = [IMAGE, LABEL]
     patch = tuple(int(p) for p in patch_size)
     return T.Compose(
@@ -107,7 +112,7 @@ def augmentation(
                 num_samples=samples_per_volume,
                 allow_smaller=False,
             ),
-            *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
+            *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes),
             T.RandScaleIntensityd(IMAGE, factors=intensity_scale, prob=intensity_scale_prob),
             T.RandShiftIntensityd(IMAGE, offsets=intensity_shift, prob=intensity_shift_prob),
         ]
