@@ -51,6 +51,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    if rank_zero_only.rank == 0:
+        # Generate demo data and check the dataset now, before Lightning starts other processes, so that a
+        # broken dataset ends the run with one message (Lightning calls it again; both steps are cached).
+        datamodule.prepare_data()
     model = build_model(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
     save_config(cfg)

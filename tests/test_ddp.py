@@ -184,3 +184,13 @@ def test_multirun_with_ddp_runs_each_job_once(brats_tree, tmp_path):
         assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran in its job's folder
     assert not (tmp_path / "outputs" / "demo" / "runs").exists()  # and did not start runs of its own
     assert output.count("Launching 2 jobs locally") == 1
+
+
+def test_ddp_on_a_broken_dataset_stops_with_one_message(brats_copy, tmp_path):
+    next(brats_copy.glob("*/*_t1.nii.gz")).unlink()
+    command = [sys.executable, "-m", "medseg.train", *tiny(brats_copy, tmp_path, "trainer=ddp", "trainer.devices=2")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=environment())
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "missing modality file 't1'" in output and "python -m medseg.data.check +experiment=demo" in output
+    assert "Traceback" not in output  # checked before the second process started
