@@ -35,14 +35,18 @@ def _num_outputs(mode: str, names: Sequence[str]) -> int:
 
 
 def register_resolvers() -> None:
-    """Register ``${medseg.num_outputs:mode,names}`` and ``${medseg.run_id:}`` (idempotent)."""
-    from medseg.distributed import run_id
+    """Register ``${medseg.num_outputs:mode,names}``, ``${medseg.run_id:}``, ``${medseg.rank_zero:x}`` and
+    ``${medseg.rank_suffix:}`` (idempotent)."""
+    from medseg.distributed import rank_suffix, rank_zero_value, run_id
 
     if not OmegaConf.has_resolver("medseg.num_outputs"):
         OmegaConf.register_new_resolver("medseg.num_outputs", _num_outputs)
     if not OmegaConf.has_resolver("medseg.run_id"):
         # Cached: one folder name per process, like Hydra's ${now:}.
         OmegaConf.register_new_resolver("medseg.run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("medseg.rank_zero"):
+        OmegaConf.register_new_resolver("medseg.rank_zero", rank_zero_value)
+        OmegaConf.register_new_resolver("medseg.rank_suffix", rank_suffix)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -49,6 +50,30 @@ def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env["SLURM_JOB_ID"]
+
+
+def process_rank(env: Mapping[str, str] | None = None) -> int:
+    """Global rank of this process as its launcher set it, before any process group exists (0 if alone).
+
+    SLURM tasks: ``SLURM_PROCID``; torchrun: ``RANK``; ranks started by Lightning: ``NODE_RANK``/``LOCAL_RANK``.
+    """
+    env = os.environ if env is None else env
+    if slurm_job_id(env) is not None:
+        return int(env.get("SLURM_PROCID", "0"))
+    if "RANK" in env:
+        return int(env["RANK"])
+    return int(env.get("NODE_RANK", "0")) + int(env.get("LOCAL_RANK", "0"))  # 0 exactly for global rank 0
+
+
+def rank_zero_value(value: Any) -> Any:
+    """``value`` in the process of global rank 0, else ``None`` (the ``${medseg.rank_zero:...}`` resolver)."""
+    return value if process_rank() == 0 else None
+
+
+def rank_suffix() -> str:
+    """``""`` for global rank 0, ``"_rank<r>"`` for the others (``${medseg.rank_suffix:}``: their log files)."""
+    rank = process_rank()
+    return f"_rank{rank}" if rank else ""
 
 
 def _process_start(pid: int) -> float | None:

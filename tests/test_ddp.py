@@ -139,6 +139,8 @@ def test_slurm_tasks_share_the_job_folder_and_a_requeued_job_resumes(brats_tree,
         job.wait()
     first = (tmp_path / "first.log").read_text()
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in first and "GLOBAL_RANK: 1, MEMBER: 2/2" in first  # rank and size from SLURM
+    # Both tasks ran Hydra in the one folder: rank 0 wrote .hydra/ and train.log, rank 1 only its own log.
+    assert (folder / ".hydra" / "config.yaml").is_file() and (folder / "train.log").is_file() and (folder / "train_rank1.log").is_file()
     killed = load(folder / "checkpoints" / "last.ckpt")
     steps_per_epoch = killed["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]  # saved at an epoch's end
     assert killed["global_step"] < 8 * steps_per_epoch

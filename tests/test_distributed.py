@@ -10,7 +10,7 @@ import time
 import pytest
 
 from medseg.config import compose
-from medseg.distributed import relaunch_command, resume_checkpoint, run_id, slurm_job_id
+from medseg.distributed import process_rank, relaunch_command, resume_checkpoint, run_id, slurm_job_id
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_JOB_NAME": "medseg"}
 
@@ -19,6 +19,14 @@ def test_run_id_under_slurm_is_the_job_id_for_every_task():
     assert run_id(SLURM) == "slurm-4242"
     assert run_id({**SLURM, "SLURM_PROCID": "7", "SLURM_RESTART_COUNT": "2"}) == "slurm-4242"
     assert run_id({**SLURM, "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "5"}) == "slurm-4200_5"
+
+
+def test_process_rank_from_each_launcher():
+    assert process_rank({}) == 0
+    assert process_rank(SLURM) == 3
+    assert process_rank({"RANK": "5", "LOCAL_RANK": "1"}) == 5  # torchrun
+    assert process_rank({"LOCAL_RANK": "1", "NODE_RANK": "0"}) == 1  # started by Lightning
+    assert process_rank({"LOCAL_RANK": "0", "NODE_RANK": "1"}) > 0
 
 
 def test_run_id_in_an_interactive_allocation_is_a_time():
