@@ -22,14 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
-from medseg.data.layouts import BRATS_HELP, MSD_HELP, DatasetError
+from medseg.data.layouts import DATA_HELP, DatasetError
 from medseg.distributed import one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
 from medseg.module import NonFiniteLossError, SegmentationModule
 from medseg.metrics.cases import region_means
 from medseg.report import print_metrics_table, to_floats, write_csv_atomic
 
 log = logging.getLogger("medseg")
-DATA_HELP = {"brats": BRATS_HELP, "msd": MSD_HELP}
 
 
 def build_model(cfg: DictConfig) -> SegmentationModule:

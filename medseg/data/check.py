@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.labels import LabelSpec, label_values_problem
-from medseg.data.layouts import BRATS_HELP, MSD_HELP, CaseRecord, DatasetError, scan_cases
+from medseg.data.layouts import DATA_HELP, CaseRecord, DatasetError, scan_cases
 
 log = logging.getLogger("medseg")
 Severity = Literal["error", "warning"]
@@ -53,7 +53,6 @@ _MAX_VALUES = 64
 _BINCOUNT_LIMIT = 1 << 16  # integer labels in [0, limit) are counted (fast) rather than sorted
 # The check composes conf/train.yaml like training, but must not create a run folder or a log file.
 _NO_RUN_FOLDER = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
-_DATA_HELP = {"brats": BRATS_HELP, "msd": MSD_HELP}
 
 
 @dataclass(frozen=True)
@@ -464,7 +463,7 @@ def check_from_config(cfg: DictConfig, progress: bool = True) -> DataCheckReport
         ConfigError: ``data.root`` (or another required value) is unset, or ``data.check`` has unknown keys.
         DatasetError: a synthetic dataset (``data.synthetic``) that no training run has generated yet.
     """
-    check_required(cfg, {"data.root": _DATA_HELP.get(cfg.data.get("layout"), "")})
+    check_required(cfg, {"data.root": DATA_HELP.get(cfg.data.get("layout"), "")})
     data = cfg.data
     if data.get("synthetic") and not Path(data.root).expanduser().exists():
         raise DatasetError(f"{data.root} does not exist yet: data.synthetic is set, so the first training run with this config generates it")

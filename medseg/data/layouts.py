@@ -32,6 +32,7 @@ MSD_HELP = (
     "Medical Segmentation Decathlon tasks are published at http://medicaldecathlon.com; unpack a task and "
     "pass the folder holding dataset.json as data.root=/path/to/TaskXX_Name."
 )
+DATA_HELP = {"brats": BRATS_HELP, "msd": MSD_HELP}  # per data.layout: where to get the data
 
 CaseRecord = dict[str, Any]
 
