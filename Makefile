@@ -2,16 +2,18 @@
 #   make demo    train on a generated BraTS-like dataset (CPU, a few minutes)
 #   make test    run the test suite
 #   make notebook  execute the inspection notebook against the demo's checkpoint
+#   make bench   run the benchmark suite (make bench QUICK=1: a smoke run in seconds)
 # CUDA users: make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: install demo test test-fast test-ddp notebook clean
+.PHONY: install demo test test-fast test-ddp notebook bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,11 @@ test-ddp: $(STAMP)
 # the executed copy is written to outputs/notebooks/.
 notebook: $(STAMP)
 	$(BIN)/python -m medseg.run_notebook notebooks/inspect_predictions.ipynb --out outputs/notebooks
+
+# Side-by-side benchmarks (medseg.bench): a table of ratios and outputs/bench/bench.json. QUICK=1: tiny sizes.
+# Timings mean something only on an otherwise idle machine, e.g. make bench BENCH_ARGS="--threads 1".
+bench: $(STAMP)
+	$(BIN)/python -m medseg.bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

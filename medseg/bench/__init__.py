@@ -1,0 +1,32 @@
+"""The benchmark suite: ``python -m medseg.bench [--quick] [--only NAMES] [--out FILE] [--device D]``.
+
+Every figure is a ratio of two contenders measured side by side in one run (these machines are noisy;
+absolute times are context only), printed as a table and written as JSON (layout in
+:mod:`medseg.bench.report`). One module per benchmark:
+
+- ``train_step`` (:mod:`~medseg.bench.train_step`): ``SegmentationModule`` in a Lightning ``Trainer`` vs a
+  hand-written PyTorch loop. Goal <= 1.05.
+- ``data`` (:mod:`~medseg.bench.data_pipeline`): patches/s of the training DataLoader over generated NIfTI
+  cases vs patches/s of the training step. Goal >= 1.
+- ``inference`` (:mod:`~medseg.bench.inference`): ``medseg.predict`` vs MONAI ``sliding_window_inference``
+  on a 4x240x240x155 case; seconds per case, peak memory. Goal <= 1.05.
+- ``loss`` (:mod:`~medseg.bench.loss`): ``FocalDiceLoss`` vs MONAI ``DiceFocalLoss``, forward + backward.
+- ``lesion`` (:mod:`~medseg.bench.lesion`): lesion metrics per case vs the 1 s budget.
+- ``scaling`` (:mod:`~medseg.bench.scaling`): step time and memory vs patch size, inference time vs volume
+  size, exponent of ``cost ~ voxels^k``.
+
+Shared pieces: :mod:`~medseg.bench.timing` (alternating timings, peak memory), :mod:`~medseg.bench.workload`
+(configs, batches, generated data, the hand-written training step), :mod:`~medseg.bench.report`.
+"""
+
+from __future__ import annotations
+
+# name -> module with ``run(options) -> BenchResult``, in the order the suite runs them.
+BENCHMARKS = {
+    "train_step": "medseg.bench.train_step",
+    "data": "medseg.bench.data_pipeline",
+    "inference": "medseg.bench.inference",
+    "loss": "medseg.bench.loss",
+    "lesion": "medseg.bench.lesion",
+    "scaling": "medseg.bench.scaling",
+}
