@@ -22,17 +22,32 @@ from medseg.data.layouts import CaseRecord, find_cases
 from medseg.data.transforms import augmentation_from_config, preprocessing
 
 
-def split_cases(cases: Sequence[CaseRecord], val_fraction: float, seed: int) -> tuple[list[CaseRecord], list[CaseRecord]]:
-    """A deterministic train/validation split: the same cases, fraction and seed give the same split.
+def split_cases(
+    cases: Sequence[CaseRecord],
+    val_fraction: float,
+    seed: int,
+    fold: int | None = None,
+    num_folds: int | None = None,
+) -> tuple[list[CaseRecord], list[CaseRecord]]:
+    """A deterministic train/validation split: the same cases and options give the same split.
 
-    Cases are ordered by id before shuffling, so the split does not depend on file system order.
+    Cases are ordered by id first, so the split does not depend on file system order. Two kinds of split:
+
+    * ``fold`` is ``None``: a seeded random ``val_fraction`` of the cases is held out.
+    * ``fold`` is ``k``: case-level k-fold cross-validation. The id-sorted cases are cut into ``num_folds``
+      contiguous blocks (sizes differ by at most one, larger blocks first, as scikit-learn's unshuffled
+      ``KFold``) and block ``k`` is held out; ``val_fraction`` and ``seed`` are ignored. With as many folds
+      as cases this is leave-one-case-out, and fold ``k`` validates on the ``k``-th case id.
 
     Raises:
-        ValueError: ``val_fraction`` outside [0, 1) or a split that leaves no training case.
+        ValueError: ``val_fraction`` outside [0, 1), a split that leaves no training case, ``num_folds``
+            not in [2, number of cases] or ``fold`` not in [0, num_folds).
     """
+    ordered = sorted(cases, key=lambda c: c["case"])
+    if fold is not None:
+        return _fold_split(ordered, fold, num_folds)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"expected data.val_fraction in [0, 1), got {val_fraction}")
-    ordered = sorted(cases, key=lambda c: c["case"])
     n_val = int(round(len(ordered) * val_fraction))
     if val_fraction > 0 and n_val == 0:
         if len(ordered) < 2:
@@ -42,6 +57,28 @@ def split_cases(cases: Sequence[CaseRecord], val_fraction: float, seed: int) -> 
         raise ValueError(f"expected at least one training case, got {len(ordered)} case(s) with data.val_fraction={val_fraction}")
     order = np.random.default_rng(seed).permutation(len(ordered))
     val_idx = set(order[:n_val].tolist())
+    train = [c for i, c in enumerate(ordered) if i not in val_idx]
+    val = [c for i, c in enumerate(ordered) if i in val_idx]
+    return train, val
+
+
+def check_fold(fold: int | None, num_folds: int | None) -> None:
+    """Raise ``ValueError`` unless ``fold`` is ``None`` or an integer in [0, ``num_folds``), ``num_folds`` >= 2."""
+    if fold is None:
+        return
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
+        raise ValueError(f"expected data.num_folds to be an integer >= 2 with data.fold={fold}, got {num_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < num_folds:
+        raise ValueError(f"expected data.fold in [0, {num_folds}) (data.num_folds={num_folds}), got {fold!r}")
+
+
+def _fold_split(ordered: list[CaseRecord], fold: int, num_folds: int | None) -> tuple[list[CaseRecord], list[CaseRecord]]:
+    """Fold ``fold`` of ``num_folds`` contiguous blocks of the id-sorted cases: (training, validation)."""
+    check_fold(fold, num_folds)
+    if num_folds > len(ordered):
+        raise ValueError(f"expected data.num_folds <= the number of cases ({len(ordered)}), got {num_folds}")
+    blocks = np.array_split(np.arange(len(ordered)), num_folds)  # sizes differ by at most one
+    val_idx = set(blocks[fold].tolist())
     train = [c for i, c in enumerate(ordered) if i not in val_idx]
     val = [c for i, c in enumerate(ordered) if i in val_idx]
     return train, val
@@ -73,8 +110,11 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_rate: fraction of cases whose preprocessing is cached in memory (0 disables the cache).
         cache_dir: if set, preprocessing is cached on disk there instead (:class:`monai.data.PersistentDataset`),
             for datasets larger than memory.
-        val_fraction: fraction of cases held out for validation.
+        val_fraction: fraction of cases held out for validation (when ``fold`` is ``None``).
         seed: seed of the split.
+        fold: ``None`` for the seeded ``val_fraction`` split, or the cross-validation fold held out for
+            validation, in [0, ``num_folds``) (see :func:`split_cases`).
+        num_folds: number of cross-validation folds (used only with ``fold``).
         spacing, intensity, ct_window, crop_foreground: see :func:`medseg.data.transforms.preprocessing`.
         augment: options of :func:`medseg.data.transforms.augmentation`.
         synthetic: if set, ``{"cases": N, "shape": [...], "spacing": [...], "seed": S}``: generate a synthetic
@@ -102,6 +142,8 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         val_fraction: float = 0.2,
         seed: int = 42,
+        fold: int | None = None,
+        num_folds: int | None = None,
         spacing: Sequence[float] | None = None,
         intensity: Literal["mri", "ct", "none"] = "mri",
         ct_window: Sequence[float] = (-175.0, 250.0),
@@ -119,6 +161,7 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"expected data.cache_rate in [0, 1], got {cache_rate}")
         if len(patch_size) != 3:
             raise ValueError(f"expected a 3D data.patch_size, got {list(patch_size)}")
+        check_fold(fold, num_folds)  # fails before the dataset is read; the case count is checked in setup
         self.layout = layout
         self.root = str(Path(root).expanduser())
         self.label_spec = LabelSpec.from_config(labels)
@@ -134,6 +177,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.val_fraction = val_fraction
         self.seed = seed
+        self.fold = fold
+        self.num_folds = num_folds
         self.preprocess_options = dict(spacing=spacing, intensity=intensity, ct_window=ct_window, crop_foreground=crop_foreground)
         self.augment = dict(augment or {})
         self.synthetic = dict(synthetic) if synthetic else None
@@ -170,6 +215,8 @@ class SegmentationDataModule(L.LightningDataModule):
         saved = Path(self.split_path) if self.split_path else None
         if saved is not None and saved.is_file():
             split = json.loads(saved.read_text())
+            if split.get("fold") != self.fold:
+                raise ValueError(f"{saved}: the saved split is fold {split.get('fold')}, got data.fold={self.fold}; resume with the same data.fold or use a new run folder")
             by_id = {c["case"]: c for c in cases}
             unknown = [c for c in split["train"] + split["val"] if c not in by_id]
             if unknown:
@@ -177,9 +224,10 @@ class SegmentationDataModule(L.LightningDataModule):
             self.train_cases = [by_id[c] for c in split["train"]]
             self.val_cases = [by_id[c] for c in split["val"]]
         else:
-            self.train_cases, self.val_cases = split_cases(cases, self.val_fraction, self.seed)
+            self.train_cases, self.val_cases = split_cases(cases, self.val_fraction, self.seed, self.fold, self.num_folds)
             if saved is not None and self.trainer is not None and self.trainer.is_global_zero:
-                write_json_atomic(saved, {"seed": self.seed, "val_fraction": self.val_fraction, "train": [c["case"] for c in self.train_cases], "val": [c["case"] for c in self.val_cases]})
+                record = {"seed": self.seed, "val_fraction": self.val_fraction, "fold": self.fold, "num_folds": self.num_folds if self.fold is not None else None}
+                write_json_atomic(saved, {**record, "train": [c["case"] for c in self.train_cases], "val": [c["case"] for c in self.val_cases]})
         rank_zero_info(f"Data: {len(self.train_cases)} training and {len(self.val_cases)} validation cases from {self.root}")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
