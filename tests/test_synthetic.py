@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import cc3d
 import nibabel as nib
 import numpy as np
 import pytest
@@ -22,7 +24,9 @@ from medseg.data.synthetic import (
     GM,
     MANIFEST_NAME,
     NCR,
+    SATELLITE_RADIUS_MM,
     SATELLITE_VOXELS,
+    SATELLITES,
     WM,
     generate_case,
     generate_dataset,
@@ -218,6 +222,127 @@ def test_case_does_not_depend_on_number_of_cases(tmp_path, dataset):
         loaded_a, loaded_b = _load(a), _load(b)
         for name in FILES:
             np.testing.assert_array_equal(loaded_a[name], loaded_b[name])
+
+
+# ----------------------------------------------------------------------------- satellite options
+
+# Computed with the generator before satellites and satellite_radius_mm existed: the defaults must give the
+# same cases. Labels and tissue exactly (sha256 of their bytes); images to float tolerance, as another BLAS
+# may round the smooth noise fields differently.
+BEFORE_SATELLITE_OPTIONS = [
+    ((96, 96, 64), (2.0, 2.0, 2.4), [0, 0], "966a4999bc3d2e7c6f31f0266bec8235908dc13827944b2839188d97521b7fdc", (23607532.7, 35024564.2, 55867346.3, 109207700.7)),
+    ((64, 64, 48), (3.0, 3.0, 3.0), [7, 1], "a1188f400e89283a34d06b89fe4d870d1c14d4751d556b576883411a94e0afba", (23350060.7, 40891490.4, 16746268.7, 21529851.5)),
+    ((96, 96, 32), (1.0, 1.0, 4.0), [2], "e5d4fee0d0ec1899fe1b85d4cc4e128830eebe85c4eba2b473a5506c4feca9b9", (20519491.3, 34665566.8, 31015981.8, 14234136.2)),
+]
+SMALL_LESIONS = {"shape": (88, 104, 76), "spacing": (2.0, 2.0, 2.0)}  # conf/experiment/small_lesions.yaml: unshrunk anatomy
+
+
+@pytest.mark.parametrize(("shape", "spacing", "seed", "label_sha256", "image_sums"), BEFORE_SATELLITE_OPTIONS)
+def test_default_satellite_options_give_the_cases_of_before(shape, spacing, seed, label_sha256, image_sums):
+    for case in (
+        generate_case(np.random.default_rng(seed), shape, spacing),
+        generate_case(np.random.default_rng(seed), shape, spacing, satellites=SATELLITES, satellite_radius_mm=SATELLITE_RADIUS_MM),
+    ):
+        assert hashlib.sha256(case.label.tobytes() + case.tissue.tobytes()).hexdigest() == label_sha256
+        sums = [float(case.images[c].astype(np.float64).sum()) for c in CONTRASTS]
+        assert sums == pytest.approx(image_sums, rel=1e-6)
+
+
+def _satellite_components(label: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """26-connected components (cc3d) and the ids of those without necrosis (the satellites)."""
+    components = cc3d.connected_components(label > 0, connectivity=26)
+    glioma = set(np.unique(components[label == NCR]).tolist())
+    return components, [k for k in range(1, int(components.max()) + 1) if k not in glioma]
+
+
+def _ball_voxels(radius: float) -> int:
+    """Voxels whose centre lies within ``radius`` voxels of a voxel centre."""
+    r = int(np.ceil(radius))
+    grid = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return int(((grid**2).sum(0) < radius**2).sum())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_requested_satellite_count_and_sizes(seed):
+    # At 2 mm and full scale, radii of 2.4-5.0 mm are 1.2-2.5 voxels; the boundary noise scales the
+    # radius by 1 +- 0.12 and an oedema rim adds one voxel.
+    case = generate_case(np.random.default_rng(seed), **SMALL_LESIONS, satellites=(12, 12), satellite_radius_mm=(2.4, 5.0))
+    components, satellites = _satellite_components(case.label)
+    assert len(satellites) == 12
+    et = ndimage.sum_labels(case.label == ET, components, satellites)  # ET voxels of each satellite
+    whole = ndimage.sum_labels(np.ones_like(case.label), components, satellites)
+    assert et.min() >= _ball_voxels(1.2 * 0.88) == 7
+    assert et.max() <= _ball_voxels(2.5 * 1.12)
+    assert whole.max() <= _ball_voxels(3.5 * 1.12)
+
+
+def test_satellite_radius_sets_the_size_range():
+    smallest = []
+    for seed in range(3):
+        case = generate_case(np.random.default_rng(seed), **SMALL_LESIONS, satellites=(10, 10), satellite_radius_mm=(4.0, 5.0))
+        components, satellites = _satellite_components(case.label)
+        smallest.append(ndimage.sum_labels(case.label == ET, components, satellites).min())
+    assert min(smallest) >= _ball_voxels(2.0 * 0.88) == 27  # 4 mm = 2 voxels: no 7-voxel satellites any more
+
+
+def test_satellite_count_is_drawn_in_the_range():
+    counts = [len(_satellite_components(generate_case(np.random.default_rng(seed), **SMALL, satellites=(5, 7)).label)[1]) for seed in range(6)]
+    assert set(counts) <= {5, 6, 7} and len(set(counts)) > 1, counts
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"satellites": (5, 3)}, "expected satellites"),
+        ({"satellites": (-1, 3)}, "expected satellites"),
+        ({"satellites": (2.0, 3)}, "expected satellites"),
+        ({"satellites": 4}, "expected satellites"),
+        ({"satellite_radius_mm": (3.0, 1.0)}, "expected satellite_radius_mm"),
+        ({"satellite_radius_mm": (0.0, 1.0)}, "expected satellite_radius_mm"),
+        ({"satellite_radius_mm": (1.0, float("inf"))}, "expected satellite_radius_mm"),
+    ],
+)
+def test_bad_satellite_options(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_case(np.random.default_rng(0), **SMALL, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate_dataset(tmp_path / "out", 1, **SMALL, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_satellite_options_are_part_of_the_manifest(tmp_path):
+    options = {"satellites": (4, 4), "satellite_radius_mm": (2.0, 3.0)}
+    cases = generate_dataset(tmp_path, 1, seed=2, **SMALL, **options)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert (manifest["satellites"], manifest["satellite_radius_mm"]) == ([4, 4], [2.0, 3.0])
+    expected = generate_case(np.random.default_rng([2, 0]), **SMALL, **options).label
+    np.testing.assert_array_equal(_load(cases[0])["seg"], expected)
+    with pytest.raises(ValueError, match="satellites=\\[3, 8\\].*got satellites=\\[4, 4\\]"):
+        generate_dataset(tmp_path, 1, seed=2, **SMALL)  # the defaults are other parameters
+
+
+def test_manifest_without_satellite_options_holds_the_defaults(tmp_path):
+    # A dataset generated before the satellite options existed (data/demo_brats) is reused, not regenerated.
+    generate_dataset(tmp_path, 1, seed=2, **SMALL)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    del manifest["satellites"], manifest["satellite_radius_mm"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    before = _mtimes(tmp_path)
+    generate_dataset(tmp_path, 1, seed=2, **SMALL, satellites=SATELLITES, satellite_radius_mm=SATELLITE_RADIUS_MM)
+    assert _mtimes(tmp_path) == before
+    with pytest.raises(ValueError, match="satellites"):
+        generate_dataset(tmp_path, 1, seed=2, **SMALL, satellites=(4, 4))
+
+
+def test_cli_passes_satellite_options(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["--out", str(out), "--cases", "1", "--shape", "64", "64", "48", "--spacing", "3", "3", "3"]
+    assert synthetic.main([*args, "--satellites", "6", "6", "--satellite-radius-mm", "2", "3"]) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert (manifest["satellites"], manifest["satellite_radius_mm"]) == ([6, 6], [2.0, 3.0])
+    with pytest.raises(SystemExit) as info:
+        synthetic.main([*args, "--satellites", "6", "2"])
+    assert info.value.code == 2 and "expected satellites" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- cache

@@ -2,16 +2,17 @@
 
 Each case is a skull-stripped head (zero outside the brain) with white matter, a folded cortical
 ribbon of grey matter, CSF in sulci, the interhemispheric fissure and the ventricles, one main glioma
-(necrotic core NCR=1, enhancing rim ET=4, oedema ED=2; BraTS 2018-2021 labels) and 3 to 8 small
-enhancing satellite lesions, each its own 26-connected component. Images get tissue contrast as on
-real scans (T1: WM > GM > CSF; T2: CSF > GM > WM; FLAIR: CSF suppressed, oedema bright; T1ce: T1
-with a bright enhancing tumour), a smooth multiplicative bias field, Rician noise and an arbitrary
-scanner scale.
+(necrotic core NCR=1, enhancing rim ET=4, oedema ED=2; BraTS 2018-2021 labels) and small enhancing
+satellite lesions (3 to 8 by default; their number and size range are parameters), each its own
+26-connected component. Images get tissue contrast as on real scans (T1: WM > GM > CSF; T2: CSF >
+GM > WM; FLAIR: CSF suppressed, oedema bright; T1ce: T1 with a bright enhancing tumour), a smooth
+multiplicative bias field, Rician noise and an arbitrary scanner scale.
 
 Anatomy is defined in millimetres and shrinks uniformly when the field of view is too small for an
 adult brain, so 240x240x155 @ 1 mm and 96x96x64 @ 2 mm show the same anatomy at different resolutions.
 
     python -m medseg.data.synthetic --out data/synthetic --cases 8 --shape 96 96 64 --spacing 2 2 2
+    python -m medseg.data.synthetic --out data/many_small --cases 8 --satellites 15 25 --satellite-radius-mm 1 3
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ _MIN_BRAIN_SPAN = 8  # voxels the brain must span along each axis, for the same 
 _BRAIN_SEMI_AXES_MM = np.array([66.0, 84.0, 60.0])  # adult cerebrum half-widths along R, A, S
 _BRAIN_JITTER, _BRAIN_DEFORM, _BRAIN_OFFSET_MM = 0.05, 0.07, 2.0
 _EGG_MAX = np.array([1.09, 1.0, 1.0])  # largest widening of the frontal lobes along R-L
-_SAT_RADIUS_MM = (1.0, 4.0)  # satellite ET radius range at full scale (see _add_satellites)
+SATELLITES = (3, 8)  # default (min, max) number of satellite lesions per case
+SATELLITE_RADIUS_MM = (1.0, 4.0)  # default (min, max) satellite ET semi-axis at full scale (see _add_satellites)
+# Satellite ET semi-axes are kept within these bounds in voxels: below _SAT_MIN_VOXELS a lesion is a single
+# voxel or vanishes; above _SAT_MAX_VOXELS it outgrows SATELLITE_VOXELS; the largest semi-axis of a case is
+# at least _SAT_SPAN_VOXELS so that each case spans small to larger lesions even on coarse grids.
+_SAT_MIN_VOXELS, _SAT_SPAN_VOXELS, _SAT_MAX_VOXELS = 1.2, 2.5, 4.0
 
 # Mean intensity of each class (background, CSF, GM, WM, NCR, ED, ET) before bias, noise and scale.
 _MEANS = {
@@ -80,24 +86,34 @@ def generate_case(
     rng: np.random.Generator,
     shape: Sequence[int] = (240, 240, 155),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    satellites: Sequence[int] = SATELLITES,
+    satellite_radius_mm: Sequence[float] = SATELLITE_RADIUS_MM,
 ) -> SyntheticCase:
-    """Generate one synthetic multi-contrast case with a glioma and 3 to 8 satellite lesions.
+    """Generate one synthetic multi-contrast case with a glioma and small satellite lesions.
 
     Args:
         rng: source of all randomness; the same generator state gives the same case.
         shape: (X, Y, Z) voxels, each >= 32; axes point to the right, anterior and superior.
         spacing: (SX, SY, SZ) voxel size in mm, each > 0.
+        satellites: (min, max) number of satellite lesions, drawn uniformly per case (both included).
+            When the brain is too crowded for all of them, at least ``min`` are placed.
+        satellite_radius_mm: (min, max) semi-axis of a satellite's enhancing part in mm at full anatomical
+            scale (the anatomy shrinks with a small field of view, and so do the lesions), drawn
+            log-uniformly and stratified, so each case spans the range. In voxels, semi-axes are kept
+            within [1.2, 4], the largest at least 2.5; a satellite may get a one-voxel oedema rim.
 
     Returns:
         A SyntheticCase whose arrays all have shape (X, Y, Z).
 
     Raises:
         TypeError: if ``rng`` is not a ``numpy.random.Generator``.
-        ValueError: if ``shape`` or ``spacing`` is invalid.
+        ValueError: if ``shape``, ``spacing``, ``satellites`` or ``satellite_radius_mm`` is invalid.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"expected rng to be a numpy.random.Generator, got {type(rng).__name__}")
     shape, spacing = _check_geometry(shape, spacing)
+    satellites, satellite_radius_mm = _check_satellites(satellites, satellite_radius_mm)
     sp = np.asarray(spacing)
     s = _anatomy_scale(shape, sp)
     semi = (_BRAIN_SEMI_AXES_MM * s * rng.uniform(1 - _BRAIN_JITTER, 1 + _BRAIN_JITTER, 3)).astype(np.float32)
@@ -111,7 +127,7 @@ def generate_case(
     tissue = _tissues(rng, rho, semi, centre, sp, s)  # (bx, by, bz) uint8
     label = np.zeros(box_shape, np.uint8)  # (bx, by, bz)
     _add_glioma(rng, label, tissue, rho, sp, s)
-    _add_satellites(rng, label, tissue, rho, sp, s)
+    _add_satellites(rng, label, tissue, rho, sp, s, satellites, satellite_radius_mm)
     images = {name: _embed(img, head, shape) for name, img in _render(rng, tissue, label, sp, s).items()}
     label, tissue = _embed(label, head, shape), _embed(tissue, head, shape)  # (X, Y, Z)
     return SyntheticCase(images=images, label=label, affine=_affine(shape, sp), tissue=tissue)
@@ -169,6 +185,8 @@ def generate_dataset(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     seed: int = 0,
     *,
+    satellites: Sequence[int] = SATELLITES,
+    satellite_radius_mm: Sequence[float] = SATELLITE_RADIUS_MM,
     progress: bool = False,
 ) -> list[Path]:
     """Generate (or reuse) a dataset of cases ``SYN-0000``, ``SYN-0001``, ... in ``out_dir``.
@@ -185,6 +203,8 @@ def generate_dataset(
         shape: (X, Y, Z) voxels per case, each >= 32.
         spacing: (SX, SY, SZ) voxel size in mm, each > 0.
         seed: non-negative dataset seed.
+        satellites, satellite_radius_mm: number and size range of the satellite lesions (see
+            :func:`generate_case`).
         progress: show a tqdm progress bar over the cases being generated.
 
     Returns:
@@ -198,6 +218,7 @@ def generate_dataset(
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"expected seed to be an integer >= 0, got {seed!r}")
     shape, spacing = _check_geometry(shape, spacing)
+    satellites, satellite_radius_mm = _check_satellites(satellites, satellite_radius_mm)
     out = Path(out_dir)
     params = {
         "generator": "medseg.data.synthetic",  # not __name__: "__main__" from the CLI
@@ -206,19 +227,28 @@ def generate_dataset(
         "spacing": list(spacing),
         "seed": int(seed),
         "n_cases": int(n_cases),
+        "satellites": list(satellites),
+        "satellite_radius_mm": list(satellite_radius_mm),
     }
     ids = [f"SYN-{i:04d}" for i in range(n_cases)]
     manifest, partial = out / MANIFEST_NAME, out / _PARTIAL_NAME
     if manifest.exists():
-        _check_same_params(_read_json(manifest), params, manifest)
+        _check_same_params(_with_defaults(_read_json(manifest)), params, manifest)
         todo = [i for i in range(n_cases) if not _case_complete(out, ids[i])]
     else:
-        resumable = partial.exists() and _read_json(partial) == params
+        resumable = partial.exists() and _with_defaults(_read_json(partial)) == params
         todo = [i for i in range(n_cases) if not (resumable and _case_complete(out, ids[i]))]
         out.mkdir(parents=True, exist_ok=True)
         _write_json(partial, params)
     for i in tqdm(todo, desc=f"synthetic cases -> {out}", unit="case", disable=not progress):
-        write_case(generate_case(np.random.default_rng([int(seed), i]), shape, spacing), out, ids[i])
+        case = generate_case(
+            np.random.default_rng([int(seed), i]),
+            shape,
+            spacing,
+            satellites=satellites,
+            satellite_radius_mm=satellite_radius_mm,
+        )
+        write_case(case, out, ids[i])
     if not manifest.exists():
         _write_json(manifest, {**params, "case_ids": ids})
         partial.unlink(missing_ok=True)
@@ -230,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m medseg.data.synthetic",
         description="Write a synthetic BraTS-2021-layout dataset (t1, t1ce, t2, flair, seg per case) "
-        "with a glioma and 3-8 small satellite lesions per case. Reuses a folder generated with "
+        "with a glioma and small satellite lesions per case. Reuses a folder generated with "
         "the same parameters and refuses one generated with others.",
     )
     parser.add_argument("--out", type=Path, required=True, help="dataset folder (created if missing)")
@@ -252,9 +282,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="voxel size in mm (default: 1 1 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="dataset seed, >= 0 (default: 0)")
+    parser.add_argument(
+        "--satellites",
+        type=int,
+        nargs=2,
+        default=list(SATELLITES),
+        metavar=("MIN", "MAX"),
+        help="number of satellite lesions per case, drawn in [MIN, MAX] (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--satellite-radius-mm",
+        type=float,
+        nargs=2,
+        default=list(SATELLITE_RADIUS_MM),
+        metavar=("MIN", "MAX"),
+        help="semi-axis range of the satellites' enhancing part in mm at full scale, kept within "
+        "1.2-4 voxels (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
-        cases = generate_dataset(args.out, args.cases, args.shape, args.spacing, args.seed, progress=True)
+        cases = generate_dataset(
+            args.out,
+            args.cases,
+            args.shape,
+            args.spacing,
+            args.seed,
+            satellites=args.satellites,
+            satellite_radius_mm=args.satellite_radius_mm,
+            progress=True,
+        )
     except ValueError as err:
         parser.error(str(err))
     print(f"{len(cases)} synthetic cases in {args.out.resolve()} (manifest: {MANIFEST_NAME})")
@@ -347,23 +403,26 @@ def _add_glioma(rng, label, tissue, rho, spacing, s) -> None:
     label[sl] = sub
 
 
-def _add_satellites(rng, label, tissue, rho, spacing, s) -> None:
-    """Add 3 to 8 enhancing satellites (some with an oedema rim) to ``label``, apart from all lesions."""
-    n_sat = int(rng.integers(3, 9))
+def _add_satellites(rng, label, tissue, rho, spacing, s, count, radius_mm) -> None:
+    """Add ``count`` (min, max) enhancing satellites (some with an oedema rim) to ``label``, apart from
+    all lesions, with ET semi-axes in ``radius_mm`` (min, max) at full scale."""
+    n_sat = int(rng.integers(count[0], count[1] + 1))
     # ET semi-axes in voxels, log-uniform and stratified so each case spans small to large: the
-    # physical range (1 to 4 mm at full scale) is floored so lesions stay visible on coarse grids and
-    # capped so voxel counts stay within SATELLITE_VOXELS on fine ones.
-    lo = np.clip(_SAT_RADIUS_MM[0] * s / spacing, 1.2, 4.0)  # (3,) voxels; 1.2: face neighbours in
-    hi = np.clip(_SAT_RADIUS_MM[1] * s / spacing, 2.5, 4.0)
+    # physical range is floored so lesions stay visible on coarse grids and capped so voxel counts
+    # stay within SATELLITE_VOXELS on fine ones.
+    lo = np.clip(radius_mm[0] * s / spacing, _SAT_MIN_VOXELS, _SAT_MAX_VOXELS)  # (3,) voxels; 1.2: face neighbours in
+    hi = np.clip(radius_mm[1] * s / spacing, _SAT_SPAN_VOXELS, _SAT_MAX_VOXELS)
     quantiles = (np.arange(n_sat) + rng.uniform(size=n_sat)) / n_sat  # (n_sat,) small to large
     free = (rho < 0.85) & (tissue >= GM) & (label == 0)
     placed = 0
     for u in quantiles[::-1]:  # the large ones first, while there is room
         placed += _place_satellite(rng, label, tissue, free, lo * (hi / lo) ** u * spacing, u > 0.4, spacing)
-    for _ in range(max(0, 3 - placed)):  # crowded (tiny or very anisotropic volume): smallest ones
+    for _ in range(max(0, count[0] - placed)):  # crowded (tiny or very anisotropic volume): smallest ones
         placed += _place_satellite(rng, label, tissue, free, lo * spacing, False, spacing)
-    if placed < 3:
-        raise RuntimeError(f"expected room for >= 3 satellite lesions, got {placed}; use a larger shape")
+    if placed < count[0]:
+        raise RuntimeError(
+            f"expected room for >= {count[0]} satellite lesions, got {placed}; use a larger shape or fewer satellites"
+        )
 
 
 def _place_satellite(rng, label, tissue, free, semi_et, may_have_rim, spacing) -> bool:
@@ -510,6 +569,23 @@ def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
+def _check_satellites(
+    satellites: Sequence[int], radius_mm: Sequence[float]
+) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Validated (satellites, satellite_radius_mm): integers 0 <= min <= max, and mm 0 < min <= max."""
+    count = tuple(satellites) if isinstance(satellites, (Sequence, np.ndarray)) else ()
+    if len(count) != 2 or not all(_is_int(v) and v >= 0 for v in count) or count[0] > count[1]:
+        raise ValueError(f"expected satellites to be 2 integers 0 <= min <= max, got {satellites!r}")
+    radius = tuple(radius_mm) if isinstance(radius_mm, (Sequence, np.ndarray)) else ()
+    ok = len(radius) == 2 and all(
+        isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in radius
+    )
+    if not ok or radius[0] > radius[1]:
+        raise ValueError(f"expected satellite_radius_mm to be 2 finite numbers 0 < min <= max (mm), got {radius_mm!r}")
+    return (int(count[0]), int(count[1])), (float(radius[0]), float(radius[1]))
+
+
 def _check_geometry(
     shape: Sequence[int], spacing: Sequence[float]
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -528,6 +604,13 @@ def _check_geometry(
 
 def _case_complete(out: Path, case_id: str) -> bool:
     return all((out / case_id / f"{case_id}_{name}.nii.gz").is_file() for name in (*CONTRASTS, "seg"))
+
+
+def _with_defaults(found: Any) -> Any:
+    """Manifest parameters, with the satellite options that manifests written before they existed lacked."""
+    if not isinstance(found, dict):
+        return found
+    return {"satellites": list(SATELLITES), "satellite_radius_mm": list(SATELLITE_RADIUS_MM), **found}
 
 
 def _check_same_params(found: Any, expected: dict, manifest: Path) -> None:
