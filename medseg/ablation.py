@@ -1,0 +1,290 @@
+"""Aggregate a loss ablation: ``python -m medseg.ablation <multirun folder> [...] [--out DIR]``.
+
+The ablation is a Hydra multirun (``+experiment=loss_ablation``): one job per loss, seed and (for
+cross-validation) fold, each job folder holding ``.hydra/hydra.yaml`` (the loss chosen), ``.hydra/overrides.yaml``
+(its command-line overrides), ``config.yaml`` (the resolved config: seed, fold, lesion size buckets) and
+``test_cases.csv`` (one row per validation case and region, written by ``medseg.train``).
+
+A *variant* is the loss config chosen (``loss=focal_dice_g1``) plus any ``loss.*`` override (``loss.gamma=3``).
+For each variant and seed, the validation cases of all its jobs (all folds) are pooled into one estimate:
+
+* ``dice``: voxel Dice, mean over cases;
+* ``lesion_recall`` and ``recall_<bucket>``: detected / reference lesions, pooled over cases (a case with
+  many lesions weighs more; buckets of the same case are not averaged first, so sparse buckets stay exact);
+* ``lesion_precision``: predicted components touching a reference lesion / predicted components, pooled;
+* ``fp_per_case``: predicted components touching no reference lesion, mean over cases.
+
+Then the mean and the sample standard deviation (``ddof=1``; NaN with one seed) over seeds. Written to
+``--out`` (default ``<first folder>/ablation``): ``ablation.csv`` (one row per variant and region),
+``ablation_seeds.csv`` (one row per variant, region and seed), ``ablation.md`` (the table, mean +- std) and
+``recall_by_lesion_size.png`` (recall per size bucket, one line per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from medseg.report import write_csv_atomic
+from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
+
+# Per-seed scores, in table order; recall_<bucket> columns go after lesion_recall.
+SCORES = ("dice", "lesion_recall", "lesion_precision", "fp_per_case")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One finished training run of the sweep.
+
+    Attributes:
+        folder: the job folder.
+        variant: loss config name plus ``loss.*`` overrides, e.g. ``focal_dice_g1``.
+        seed: the run's global seed.
+        fold: the cross-validation fold (``data.fold``), ``None`` for a seeded split.
+        buckets: lesion size bucket names; ``edges_mm3`` their edges (``len(buckets) - 1``).
+        rows: the rows of ``test_cases.csv`` (strings, as read).
+    """
+
+    folder: Path
+    variant: str
+    seed: int
+    fold: int | None
+    buckets: tuple[str, ...]
+    edges_mm3: tuple[float, ...]
+    rows: list[dict[str, str]]
+
+
+def job_folders(folder: str | Path) -> list[Path]:
+    """Job folders (those with ``.hydra/overrides.yaml``) in or under ``folder``, in Hydra's job order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"expected a multirun or job folder, got {str(folder)!r} (not a folder)")
+    found = [p.parent.parent for p in folder.rglob(".hydra/overrides.yaml")]
+    # Hydra names job folders by job number: 0, 1, ..., 10 sorts after 9.
+    return sorted(found, key=lambda p: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in p.relative_to(folder).parts])
+
+
+def read_job(folder: Path) -> Job:
+    """A job folder's variant, seed, fold, lesion buckets and per-case rows.
+
+    Raises:
+        ValueError: when a file is missing (an unfinished job), naming it.
+    """
+    needed = [folder / ".hydra" / "hydra.yaml", folder / ".hydra" / "overrides.yaml", folder / "config.yaml", folder / "test_cases.csv"]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise ValueError(f"expected a finished job in {folder}, got no {', '.join(missing)} (failed or still running?)")
+    choice = OmegaConf.load(needed[0]).hydra.runtime.choices.get("loss")
+    loss_overrides = [o for o in OmegaConf.load(needed[1]) if str(o).startswith("loss.")]
+    config = OmegaConf.load(needed[2])
+    lesion = config.model.get("lesion_metrics")
+    if not lesion:
+        raise ValueError(f"expected lesion metrics in {needed[2]} (model.lesion_metrics), got none: lesion recall cannot be aggregated")
+    return Job(
+        folder=folder,
+        variant=" ".join([str(choice), *map(str, loss_overrides)]),
+        seed=int(config.seed),
+        fold=config.data.get("fold"),
+        buckets=tuple(str(b) for b in lesion.bucket_names),
+        edges_mm3=tuple(float(e) for e in lesion.size_buckets_mm3),
+        rows=read_rows(needed[3]),
+    )
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence[str]) -> dict[str, float]:
+    """Scores of one region over a set of case rows (see the module docstring), with reference lesion counts.
+
+    Returns:
+        ``dice``, ``lesion_recall``, ``lesion_precision``, ``fp_per_case``, ``n_cases``, ``n_ref_lesions`` and per
+        bucket ``recall_<bucket>`` (NaN without reference lesions) and ``n_ref_lesions_<bucket>``.
+    """
+    subset = [r for r in rows if r["region"] == region]
+
+    def total(column: str) -> float:
+        return sum(float(r[column]) for r in subset)
+
+    scores = {
+        "dice": _nanmean([float(r["dice"]) for r in subset]),
+        "lesion_recall": _ratio(total("detected"), total("n_ref_lesions")),
+        "lesion_precision": _ratio(total("n_pred_lesions") - total("false_positives"), total("n_pred_lesions")),
+        "fp_per_case": _ratio(total("false_positives"), len(subset)),
+        "n_cases": float(len(subset)),
+        "n_ref_lesions": total("n_ref_lesions"),
+    }
+    for bucket, (detected, n_ref) in recall_by_size(subset, buckets)[region].items():
+        scores[f"recall_{bucket}"] = _ratio(detected, n_ref)
+        scores[f"n_ref_lesions_{bucket}"] = float(n_ref)
+    return scores
+
+
+def per_seed(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """One row per variant, region and seed: the cases of every fold of that seed pooled.
+
+    Raises:
+        ValueError: on jobs with different lesion buckets, or two jobs of one variant, seed and fold.
+    """
+    if len({(j.buckets, j.edges_mm3) for j in jobs}) > 1:
+        found = sorted({(j.buckets, j.edges_mm3) for j in jobs})
+        raise ValueError(f"expected every job to use the same lesion size buckets, got {found}")
+    seen: dict[tuple[str, int, int | None], Path] = {}
+    for job in jobs:
+        key = (job.variant, job.seed, job.fold)
+        if key in seen:
+            raise ValueError(f"expected one job per loss, seed and fold, got two for {key}: {seen[key]} and {job.folder}")
+        seen[key] = job.folder
+    out = []
+    groups = dict.fromkeys((j.variant, j.seed) for j in jobs)  # sweep order
+    for variant, seed in groups:
+        members = [j for j in jobs if (j.variant, j.seed) == (variant, seed)]
+        rows = [r for j in members for r in j.rows]
+        folds = sorted(j.fold for j in members if j.fold is not None)
+        for region in dict.fromkeys(r["region"] for r in rows):
+            out.append({"variant": variant, "region": region, "seed": seed, "folds": ",".join(map(str, folds)), **pooled_scores(rows, region, members[0].buckets)})
+    return out
+
+
+def summarise(seed_rows: Sequence[dict[str, Any]], buckets: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds, one row per variant and region."""
+    scores = [*SCORES[:2], *(f"recall_{b}" for b in buckets), *SCORES[2:]]
+    out = []
+    for variant, region in dict.fromkeys((r["variant"], r["region"]) for r in seed_rows):
+        group = [r for r in seed_rows if (r["variant"], r["region"]) == (variant, region)]
+        row: dict[str, Any] = {"variant": variant, "region": region, "n_seeds": len(group), "folds": group[0]["folds"]}
+        row["n_cases"] = int(group[0]["n_cases"])
+        for bucket in ("", *(f"_{b}" for b in buckets)):
+            row[f"n_ref_lesions{bucket}"] = int(group[0][f"n_ref_lesions{bucket}"])
+        for score in scores:
+            values = np.array([float(r[score]) for r in group], dtype=np.float64)
+            row[f"{score}_mean"] = float(values.mean())
+            row[f"{score}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], buckets: Sequence[str], edges_mm3: Sequence[float]) -> str:
+    """The summary as a markdown table: mean ± std over seeds; bucket headers give the size range and lesion count."""
+    regions = list(dict.fromkeys(r["region"] for r in summary))
+    single = len(regions) == 1
+    ranges = [label.split("\n")[-1] for label in bucket_labels(buckets, edges_mm3)]
+
+    def head(name: str, count_key: str, detail: str = "") -> str:
+        # Reference lesion counts (per seed, the same for every loss) when the table has one region.
+        parts = [p for p in (detail, f"n={summary[0][count_key]}" if single else "") if p]
+        return f"{name} ({', '.join(parts)})" if parts else name
+
+    bucket_heads = [head(f"recall {b}", f"n_ref_lesions_{b}", rng) for b, rng in zip(buckets, ranges)]
+    heads = ["loss", *([] if single else ["region"]), "seeds", "Dice", head("lesion recall", "n_ref_lesions"), *bucket_heads, "FP lesions / case", "lesion precision"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    for row in summary:
+        cells = [f"`{row['variant']}`", *([] if single else [row["region"]]), str(row["n_seeds"])]
+        for score in ("dice", "lesion_recall", *(f"recall_{b}" for b in buckets), "fp_per_case", "lesion_precision"):
+            cells.append(_pm(row[f"{score}_mean"], row[f"{score}_std"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall_vs_size(summary: Sequence[dict[str, Any]], buckets: Sequence[str], edges_mm3: Sequence[float], title: str = "Lesion detection recall by lesion size") -> Figure:
+    """Recall per size bucket, one line per variant (mean over seeds, error bars one std); a panel per region."""
+    regions = list(dict.fromkeys(r["region"] for r in summary))
+    fig, axes = plt.subplots(1, len(regions), figsize=(2.5 + 1.9 * len(buckets) * len(regions), 4.2), squeeze=False)
+    x = np.arange(len(buckets), dtype=np.float64)
+    for ax, region in zip(axes[0], regions):
+        rows = [r for r in summary if r["region"] == region]
+        for i, row in enumerate(rows):
+            shift = (i - (len(rows) - 1) / 2) * 0.04  # keep the error bars of close lines apart
+            mean = [row[f"recall_{b}_mean"] for b in buckets]
+            std = np.nan_to_num([row[f"recall_{b}_std"] for b in buckets])
+            ax.errorbar(x + shift, mean, yerr=std, marker="o", markersize=4, capsize=3, linewidth=1.2, label=row["variant"])
+        ax.set_xticks(x, bucket_labels(buckets, edges_mm3))
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_ylabel("detected / reference lesions")
+        ax.set_title(region if len(regions) > 1 else title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    if len(regions) > 1:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def aggregate(folders: Sequence[str | Path], out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Read every finished job under ``folders`` and write the CSVs, the markdown table and the plot.
+
+    Returns:
+        The summary rows (one per variant and region).
+
+    Raises:
+        ValueError: when no finished job is found, or jobs disagree (see :func:`per_seed`).
+    """
+    jobs, skipped = [], []
+    for folder in folders:
+        for job_folder in job_folders(folder):
+            try:
+                jobs.append(read_job(job_folder))
+            except ValueError as err:
+                skipped.append(str(err))
+    for message in skipped:
+        print(f"skipped: {message}", file=sys.stderr)
+    if not jobs:
+        raise ValueError(f"expected finished jobs (with test_cases.csv) under {[str(f) for f in folders]}, got none")
+    out = Path(out) if out is not None else Path(folders[0]) / "ablation"
+    buckets, edges = jobs[0].buckets, jobs[0].edges_mm3
+    seed_rows = per_seed(jobs)
+    summary = summarise(seed_rows, buckets)
+    write_csv_atomic(seed_rows, out / "ablation_seeds.csv")
+    write_csv_atomic(summary, out / "ablation.csv")
+    table = markdown_table(summary, buckets, edges)
+    tmp = out / ".ablation.md.tmp"
+    tmp.write_text(table)
+    tmp.replace(out / "ablation.md")
+    save_figure(plot_recall_vs_size(summary, buckets, edges), out / "recall_by_lesion_size.png")
+    print(table)
+    print(f"{len(jobs)} job(s) aggregated into {out} (ablation.csv, ablation_seeds.csv, ablation.md, recall_by_lesion_size.png)")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; see ``python -m medseg.ablation --help``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m medseg.ablation",
+        description="Aggregate the jobs of a loss-ablation multirun: mean +- std over seeds per loss of voxel Dice, "
+        "lesion recall per size bucket and false-positive lesions per case (table, CSV, plot).",
+    )
+    parser.add_argument("folders", nargs="+", type=Path, help="multirun folders (or job folders); all their jobs are pooled")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first folder>/ablation)")
+    args = parser.parse_args(argv)
+    try:
+        aggregate(args.folders, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
