@@ -12,7 +12,7 @@ import torch
 from medseg.bench import BENCHMARKS
 from medseg.bench.__main__ import main, parse_args
 from medseg.bench.report import Contender, Figure, Goal, finite_json
-from medseg.bench.scaling import fit_exponent
+from medseg.bench.scaling import fit_exponent, window_count
 from medseg.bench.timing import peak_memory, time_alternating
 
 FIGURE_KEYS = {"benchmark", "name", "kind", "value", "ratio_min", "ratio_peak_memory", "a", "b", "goal", "meets_goal", "note"}
@@ -52,6 +52,20 @@ def test_fit_exponent_known_answers():
     assert fit_exponent(voxels, [3.0 * v for v in voxels]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="expected at least two distinct sizes"):
         fit_exponent([8.0, 8.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(("shape", "roi", "overlap"), [((96, 96, 64), (64, 64, 64), 0.5), ((48, 40, 32), (32, 32, 32), 0.25), ((20, 20, 20), (32, 32, 32), 0.5)])
+def test_window_count_is_what_monai_evaluates(shape, roi, overlap):
+    from monai.inferers import sliding_window_inference
+
+    seen = []
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x
+
+    sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
+    assert window_count(shape, roi, overlap) == sum(seen)
 
 
 def test_figure_ratios_and_goal():

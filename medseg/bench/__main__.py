@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from medseg.bench import BENCHMARKS
-from medseg.bench.report import SCHEMA_VERSION, BenchResult, environment, finite_json, print_table
+from medseg.bench.report import SCHEMA_VERSION, BenchResult, environment, finite_json, markdown_rows, print_table
 from medseg.bench.workload import DEFAULT_CACHE_DIR, BenchOptions
 from medseg.data.datamodule import write_json_atomic
 
@@ -30,6 +30,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default: each benchmark's own for the mode and device)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (default: torch's choice); lesion metrics always use 1")
+    parser.add_argument("--markdown", action="store_true", help="also print the figures as rows of the README's Performance table")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help=f"generated datasets, reused between runs (default: {DEFAULT_CACHE_DIR})")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -67,16 +68,16 @@ def run_suite(options: BenchOptions, names: Sequence[str]) -> tuple[dict[str, Be
             traceback.print_exc()
             errors[name] = f"{type(err).__name__}: {err}"
             continue
-        result.details["seconds"] = time.perf_counter() - start
+        result.seconds = time.perf_counter() - start
         results[name] = result
-        print(f"[medseg.bench] {name} done in {result.details['seconds']:.1f} s", flush=True)
+        print(f"[medseg.bench] {name} done in {result.seconds:.1f} s", flush=True)
     return results, errors
 
 
 def payload(env: dict[str, Any], settings: dict[str, Any], results: dict[str, BenchResult], errors: dict[str, str]) -> dict[str, Any]:
     """The JSON document (layout in :mod:`medseg.bench.report`)."""
     benchmarks = {
-        name: {"seconds": r.details.pop("seconds", None), "settings": r.settings, "details": r.details, "figures": [f.to_dict() for f in r.figures]}
+        name: {"seconds": r.seconds, "settings": r.settings, "details": r.details, "figures": [f.to_dict() for f in r.figures]}
         for name, r in results.items()
     }
     return finite_json({"schema": SCHEMA_VERSION, "environment": env, "settings": settings, "benchmarks": benchmarks, "errors": errors})
@@ -91,9 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(device)
     settings = {"quick": args.quick, "device": str(device), "repeats": args.repeats, "threads": torch.get_num_threads(), "only": args.only, "cache_dir": str(args.cache_dir)}
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as work:
-        options = BenchOptions(device=device, work_dir=Path(work), quick=args.quick, repeats=args.repeats, cache_dir=args.cache_dir, threads=args.threads)
+        options = BenchOptions(device=device, work_dir=Path(work), quick=args.quick, repeats=args.repeats, cache_dir=args.cache_dir)
         results, errors = run_suite(options, args.only)
     print_table(env, results, quick=args.quick)
+    if args.markdown:
+        print("\n".join(markdown_rows(env, results)))
     document = payload(env, settings, results, errors)
     write_json_atomic(args.out, document)
     print(f"wrote {args.out}")

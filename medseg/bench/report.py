@@ -12,7 +12,8 @@ JSON layout (``python -m medseg.bench --out FILE``)::
         "<name>": {"seconds": wall time of the benchmark, "settings": {...}, "details": {...},
                    "figures": [<figure>, ...]},
         ...
-      }
+      },
+      "errors": {"<name>": "what went wrong", ...}   (benchmarks that failed; the others still ran)
     }
 
 A figure::
@@ -111,6 +112,7 @@ class BenchResult:
     figures: list[Figure]
     settings: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None  # wall time of the benchmark, set by the suite
 
 
 def cpu_model() -> str:
@@ -210,3 +212,19 @@ def print_table(env: Mapping[str, Any], results: Mapping[str, BenchResult], quic
             met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: ""}[figure.meets_goal]
             table.add_row(name, figure.name, _contender_cell(figure.a), _contender_cell(figure.b), _value_cell(figure), goal, met)
     console.print(table)
+
+
+def markdown_rows(env: Mapping[str, Any], results: Mapping[str, BenchResult]) -> list[str]:
+    """The figures as rows of the README's Performance table: ``| what | A / B | context |``."""
+    where = f"{'GPU' if env['device'] == 'cuda' else 'CPU'} {env['device_name']}, {env['threads']} thread(s)"
+    rows = ["| what | A / B | context |", "| --- | --- | --- |"]
+    for result in results.values():
+        for f in result.figures:
+            if f.kind == "exponent":
+                rows.append(f"| {f.benchmark}: {f.name} | k = {f.value:.2f} | {where} |")
+                continue
+            ratio = f"{f.value:.2f}" + (f", peak memory {f.ratio_peak_memory:.2f}" if f.ratio_peak_memory is not None else "")
+            goal = f" (goal {f.goal.op} {f.goal.value:g})" if f.goal else ""
+            sides = " vs ".join(f"{c.name} {format_quantity(c.value, c.unit)}" + (f" / {format_bytes(c.peak_bytes)}" if c.peak_bytes is not None else "") for c in (f.a, f.b) if c)
+            rows.append(f"| {f.benchmark}: {f.name} | {ratio}{goal} | {sides}; {where} |")
+    return rows

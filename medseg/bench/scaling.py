@@ -16,7 +16,7 @@ network, as in the inference benchmark.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,12 +72,23 @@ def _label(shape: Sequence[int]) -> str:
     return f"{shape[0]}^3" if len(set(shape)) == 1 else "x".join(map(str, shape))
 
 
-def _growth_figures(what: str, shapes: Sequence[tuple[int, ...]], contenders: Sequence[Contender]) -> list[Figure]:
+def window_count(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` evaluates on a volume of ``shape`` (its scan rule: a step of
+    ``roi * (1 - overlap)`` voxels per axis, the last window flush with the border)."""
+    count = 1
+    for size, roi in zip(shape, roi_size):
+        step = max(int(roi * (1 - overlap)), 1)
+        count *= 1 if size <= roi else math.ceil((size - roi) / step) + 1
+    return count
+
+
+def _growth_figures(what: str, shapes: Sequence[tuple[int, ...]], contenders: Sequence[Contender], windows: Sequence[int] | None = None) -> list[Figure]:
     """Each size against the smallest, then the fitted exponents of time (and of memory when measured)."""
     voxels = [math.prod(s) for s in shapes]
+    notes = [f"voxels x{n / voxels[0]:.1f}" + (f", windows x{w / windows[0]:.1f}" if windows else "") for n, w in zip(voxels, windows or voxels)]
     figures = [
-        Figure.compare(NAME, f"{what} {_label(shape)} vs {_label(shapes[0])}", c, contenders[0], None, f"voxels x{n / voxels[0]:.1f}")
-        for shape, c, n in zip(shapes[1:], contenders[1:], voxels[1:])
+        Figure.compare(NAME, f"{what} {_label(shape)} vs {_label(shapes[0])}", c, contenders[0], None, note)
+        for shape, c, note in zip(shapes[1:], contenders[1:], notes[1:])
     ]
     sizes = ", ".join(_label(s) for s in shapes)
     figures.append(Figure(NAME, f"{what} time ~ voxels^k ({sizes})", fit_exponent(voxels, [c.value for c in contenders]), kind="exponent", note="least squares on log-log"))
@@ -94,13 +105,18 @@ def run(options: BenchOptions) -> BenchResult:
 
     train_cfg = compose_config(s.train_experiment, options)
     torch.manual_seed(0)
-    net = build_model(train_cfg).net
-    steps = {}
-    for patch in s.patches:
-        batch = random_batch(train_cfg, s.batch_size, (patch,) * 3, device)
-        steps[patch] = ReferenceStep.from_config(train_cfg, net, batch)  # one network, a batch per size
-    train_times = time_alternating({str(p): step for p, step in steps.items()}, device, repeats, warmup)
-    train = [Contender.from_timing(f"step {_label((p,) * 3)}", train_times[str(p)], peak_memory(steps[p], device)) for p in s.patches]
+    batches = {p: random_batch(train_cfg, s.batch_size, (p,) * 3, device) for p in s.patches}
+    step = ReferenceStep.from_config(train_cfg, build_model(train_cfg).net, batches[s.patches[0]])  # one network and optimizer
+
+    def step_at(patch: int) -> Callable[[], object]:
+        def run_step() -> object:
+            step.batch = batches[patch]
+            return step()
+
+        return run_step
+
+    train_times = time_alternating({str(p): step_at(p) for p in s.patches}, device, repeats, warmup)
+    train = [Contender.from_timing(f"step {_label((p,) * 3)}", train_times[str(p)], peak_memory(step_at(p), device)) for p in s.patches]
 
     infer_cfg = compose_config(s.infer_experiment, options, [patch_override(s.window)])
     torch.manual_seed(0)
@@ -109,16 +125,18 @@ def run(options: BenchOptions) -> BenchResult:
     volumes = {shape: torch.randn((int(infer_cfg.data.in_channels), *shape), generator=generator).to(device) for shape in s.volumes}  # (C_in, H, W, D) each
     infer_times = time_alternating({str(shape): (lambda v=v: infer_probabilities(model, v)) for shape, v in volumes.items()}, device, repeats, warmup)
     infer = [Contender.from_timing(f"inference {_label(shape)}", infer_times[str(shape)]) for shape in s.volumes]
+    windows = [window_count(shape, model.inferer["roi_size"], model.inferer["overlap"]) for shape in s.volumes]
 
     figures = [
         *_growth_figures(f"train step ({s.train_experiment} network, batch {s.batch_size})", [(p,) * 3 for p in s.patches], train),
-        *_growth_figures(f"inference ({s.infer_experiment} network, window {s.window}^3)", list(s.volumes), infer),
+        *_growth_figures(f"inference ({s.infer_experiment} network, window {s.window}^3)", list(s.volumes), infer, windows),
+        Figure(NAME, f"inference time ~ windows^k ({', '.join(map(str, windows))} windows)", fit_exponent(windows, [c.value for c in infer]), kind="exponent", note="sliding-window inference costs per window; the window count grows faster than the voxels on small volumes"),
     ]
     return BenchResult(
         figures,
         settings={**asdict(s), "inferer": dict(model.inferer), "warmup": warmup, "repeats": repeats},
         details={
             "train": {str(p): {"times_s": list(c.samples), "peak_bytes": c.peak_bytes} for p, c in zip(s.patches, train)},
-            "inference": {"x".join(map(str, v)): {"times_s": list(c.samples)} for v, c in zip(s.volumes, infer)},
+            "inference": {"x".join(map(str, v)): {"times_s": list(c.samples), "windows": n} for v, c, n in zip(s.volumes, infer, windows)},
         },
     )

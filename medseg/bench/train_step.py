@@ -8,8 +8,9 @@ turns step by step inside one ``fit``: a callback runs one reference step right 
 Lightning is timed two ways:
 
 - iteration: from one ``on_train_batch_start`` to the next, less the reference step run in between. This is
-  everything Lightning does per step: forward, loss and its ``self.log`` calls, backward, clipping,
-  optimizer step, the other callbacks, logger and progress-bar updates, fetching the next batch.
+  everything Lightning and the module do per step: forward, loss and its ``self.log`` calls, the module's
+  non-finite loss and gradient checks, backward, clipping, optimizer step, the other callbacks, logger and
+  progress-bar updates, fetching the next batch.
 - step window: ``on_train_batch_start`` to ``on_train_batch_end`` only (the compute part of the above).
 
 The reference is timed around one call of :class:`medseg.bench.workload.ReferenceStep`. Not included on
@@ -18,6 +19,10 @@ first with logging, progress bar, checkpointing and model summary off (steady st
 it between log lines), then with the config's callbacks and loggers on (checkpoints, rich progress bar,
 learning-rate monitor, CSV and TensorBoard logs). The last step of each run measures peak memory and is
 not timed.
+
+A third run times a tiny step (demo network, 1x4x16^3), on which the fixed cost per step shows; it is
+reported in ms per step (median over steps of the Lightning iteration less the reference step right after
+it) and applies to any step size: ratio = 1 + fixed cost / step time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import statistics
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -60,6 +66,10 @@ class StepSettings:
 # network takes seconds.
 SETTINGS = {"quick": StepSettings("demo", 32, 2), "cpu": StepSettings("brats", 64, 2), "gpu": StepSettings("brats", 96, 2)}
 REPEATS = {"quick": 2, "cpu": 7, "gpu": 20}  # timed steps per side
+# A step so small that Lightning's fixed cost per step (hooks, logging, checks) shows: the overhead in ms,
+# to be set against any step time.
+TINY = {tier: StepSettings("demo", 16, 1) for tier in ("quick", "cpu", "gpu")}
+TINY_REPEATS = {"quick": 5, "cpu": 60, "gpu": 100}
 # Untimed steps first: allocator growth, oneDNN primitive creation, cuDNN algorithm search (benchmark=true).
 WARMUP = {"quick": 1, "cpu": 2, "gpu": 5}
 
@@ -184,29 +194,40 @@ def compare(cfg: DictConfig, batch: dict[str, Tensor], options: BenchOptions, wa
     return timer
 
 
+def paired_overhead_s(timer: AlternatingClock) -> float:
+    """Median over steps of (Lightning iteration - the reference step right after it): seconds per step."""
+    return statistics.median(a - b for a, b in zip(timer.iteration_s, timer.reference_s))
+
+
 def run(options: BenchOptions) -> BenchResult:
-    """Lightning against the hand-written loop, without and with the config's callbacks and loggers."""
-    settings = SETTINGS[options.tier]
-    warmup, repeats = WARMUP[options.tier], options.repeats_or(REPEATS[options.tier])
-    cfg = compose_config(settings.experiment, options, [patch_override(settings.patch)])
-    patch = (settings.patch,) * 3
-    batch = random_batch(cfg, settings.batch_size, patch, options.device)
-    shape = f"{settings.batch_size}x{cfg.data.in_channels}x{settings.patch}^3"
-    ref_name = "hand-written PyTorch loop"
+    """Lightning against the hand-written loop: the configured step without and with the config's callbacks
+    and loggers, and a tiny step on which Lightning's fixed cost per step shows."""
+    tier = options.tier
+    settings, tiny = SETTINGS[tier], TINY[tier]
+    warmup, repeats = WARMUP[tier], options.repeats_or(REPEATS[tier])
     figures, details = [], {}
-    for with_defaults in (False, True):
-        timer = compare(cfg, batch, options, warmup, repeats, with_defaults)
-        lightning = Contender.from_timing("Trainer + SegmentationModule", Timing(tuple(timer.iteration_s)), timer.lightning_peak)
-        plain = Contender.from_timing(ref_name, Timing(tuple(timer.reference_s)), timer.reference_peak)
-        if with_defaults:
-            figures.append(Figure.compare(NAME, f"iteration with the config's callbacks and loggers, {shape}", lightning, plain, GOAL, "rich progress bar, checkpoint callbacks, LR monitor, CSV + TensorBoard loggers"))
-        else:
-            window = Contender.from_timing("on_train_batch_start..end", Timing(tuple(timer.step_s)), timer.lightning_peak)
-            figures.append(Figure.compare(NAME, f"iteration, logging/progress/checkpoints off, {shape}", lightning, plain, GOAL, "Lightning: whole loop iteration (fetch of the resident batch, hooks, logging bookkeeping) less the interleaved reference step"))
-            figures.append(Figure.compare(NAME, f"step window only, {shape}", window, plain, None, "forward, loss + self.log, backward, clipping, optimizer step; diagnostic"))
-        details["defaults_on" if with_defaults else "steady"] = {"iteration_s": timer.iteration_s, "step_window_s": timer.step_s, "reference_s": timer.reference_s}
+    for what, s, reps in (("step", settings, repeats), ("tiny", tiny, options.repeats_or(TINY_REPEATS[tier]))):
+        cfg = compose_config(s.experiment, options, [patch_override(s.patch)])
+        batch = random_batch(cfg, s.batch_size, (s.patch,) * 3, options.device)
+        shape = f"{s.batch_size}x{cfg.data.in_channels}x{s.patch}^3, {s.experiment} network"
+        for with_defaults in (False, True) if what == "step" else (False,):
+            timer = compare(cfg, batch, options, warmup, reps, with_defaults)
+            extra = paired_overhead_s(timer)
+            lightning = Contender.from_timing("Trainer + SegmentationModule", Timing(tuple(timer.iteration_s)), timer.lightning_peak)
+            plain = Contender.from_timing("hand-written PyTorch loop", Timing(tuple(timer.reference_s)), timer.reference_peak)
+            cost = f"Lightning adds {extra * 1e3:.1f} ms per step (paired median)"
+            if what == "tiny":
+                figures.append(Figure.compare(NAME, f"fixed cost per step: tiny step, {shape}", lightning, plain, None, f"{cost}; diagnostic: the cost does not grow with the step"))
+            elif with_defaults:
+                figures.append(Figure.compare(NAME, f"iteration with the config's callbacks and loggers, {shape}", lightning, plain, GOAL, f"{cost}; rich progress bar, checkpoint callbacks, LR monitor, CSV + TensorBoard loggers"))
+            else:
+                window = Contender.from_timing("on_train_batch_start..end", Timing(tuple(timer.step_s)), timer.lightning_peak)
+                figures.append(Figure.compare(NAME, f"iteration, logging/progress/checkpoints off, {shape}", lightning, plain, GOAL, f"{cost}; whole loop iteration less the interleaved reference step"))
+                figures.append(Figure.compare(NAME, f"step window only, {shape}", window, plain, None, "forward, loss + self.log, non-finite check, backward, clipping, optimizer step; diagnostic"))
+            key = "tiny" if what == "tiny" else ("defaults_on" if with_defaults else "steady")
+            details[key] = {"iteration_s": timer.iteration_s, "step_window_s": timer.step_s, "reference_s": timer.reference_s, "paired_overhead_s": extra}
     return BenchResult(
         figures,
-        settings={**asdict(settings), "batch_shape": list(batch["image"].shape), "warmup": warmup, "repeats": repeats, "precision": str(cfg.trainer.precision), "gradient_clip_val": cfg.trainer.get("gradient_clip_val")},
+        settings={"step": asdict(settings), "tiny": asdict(tiny), "warmup": warmup, "repeats": repeats, "precision": str(cfg.trainer.precision), "gradient_clip_val": cfg.trainer.get("gradient_clip_val")},
         details=details,
     )

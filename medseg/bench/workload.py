@@ -39,7 +39,6 @@ class BenchOptions:
         quick: tiny sizes and few repeats: checks that everything runs, the figures mean little.
         repeats: timed runs per contender; ``None``: each benchmark's default for the tier.
         cache_dir: generated datasets, kept between runs.
-        threads: torch threads of the run (``None``: torch's default), recorded in the results.
     """
 
     device: torch.device
@@ -47,7 +46,6 @@ class BenchOptions:
     quick: bool = False
     repeats: int | None = None
     cache_dir: Path = DEFAULT_CACHE_DIR
-    threads: int | None = None
 
     @property
     def tier(self) -> Tier:
@@ -142,7 +140,11 @@ class ReferenceStep:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, net: nn.Module, batch: dict[str, Tensor]) -> ReferenceStep:
-        """The config's loss, optimizer, precision and gradient clipping around ``net`` (on ``batch``'s device)."""
+        """The config's loss, optimizer, precision and gradient clipping around ``net`` (on ``batch``'s device).
+
+        Sets ``torch.backends.cudnn.benchmark`` to ``trainer.benchmark``, as the Lightning ``Trainer`` does.
+        """
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark", False))
         net = net.to(batch["image"].device)
         loss = instantiate(cfg.loss).to(batch["image"].device)
         optimizer = instantiate(cfg.optimizer)(params=net.parameters())
