@@ -134,6 +134,12 @@ def test_small_lesions_generates_its_data_with_the_satellite_options(tmp_path):
     assert 16 <= n_lesions <= 26  # the glioma and 15 to 25 satellites
 
 
+@pytest.mark.parametrize(("experiment", "names"), [("ms_lesions", ["lesion"]), ("ct_abdomen", ["spleen", "liver"]), ("small_lesions", ["lesion"])])
+def test_presets_give_medseg_evaluate_their_labels(experiment, names):
+    cfg = compose("evaluate", [f"+experiment={experiment}", "pred=predictions", "ref=labels"])
+    assert list(cfg.data.labels.names) == names and cfg.ref == "labels"
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_ct_abdomen_trains_and_predicts_in_the_input_geometry(tmp_path):
