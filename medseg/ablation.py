@@ -136,8 +136,9 @@ def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence
     return scores
 
 
-def per_seed(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """One row per variant, region and seed: the cases of every fold of that seed pooled.
+def per_seed(jobs: Sequence[Job], per_fold: bool = False) -> list[dict[str, Any]]:
+    """One row per variant, region and seed: the cases of every fold of that seed pooled, or with
+    ``per_fold`` one row per fold too (the variant then reads ``<variant>, fold <k>``).
 
     Raises:
         ValueError: on jobs with different lesion buckets, or two jobs of one variant, seed and fold.
@@ -152,13 +153,16 @@ def per_seed(jobs: Sequence[Job]) -> list[dict[str, Any]]:
             raise ValueError(f"expected one job per loss, seed and fold, got two for {key}: {seen[key]} and {job.folder}")
         seen[key] = job.folder
     out = []
-    groups = dict.fromkeys((j.variant, j.seed) for j in jobs)  # sweep order
-    for variant, seed in groups:
-        members = [j for j in jobs if (j.variant, j.seed) == (variant, seed)]
+    def group(job: Job) -> tuple[str, int]:
+        return (f"{job.variant}, fold {job.fold}" if per_fold else job.variant), job.seed
+
+    for variant, seed in dict.fromkeys(map(group, jobs)):  # sweep order
+        members = [j for j in jobs if group(j) == (variant, seed)]
         rows = [r for j in members for r in j.rows]
-        folds = sorted(j.fold for j in members if j.fold is not None)
+        folds = ",".join(str(f) for f in sorted(j.fold for j in members if j.fold is not None))
         for region in dict.fromkeys(r["region"] for r in rows):
-            out.append({"variant": variant, "region": region, "seed": seed, "folds": ",".join(map(str, folds)), **pooled_scores(rows, region, members[0].buckets)})
+            cases = ",".join(sorted({r["case"] for r in rows if r["region"] == region}))
+            out.append({"variant": variant, "region": region, "seed": seed, "folds": folds, "cases": cases, **pooled_scores(rows, region, members[0].buckets)})
     return out
 
 
@@ -168,7 +172,7 @@ def summarise(seed_rows: Sequence[dict[str, Any]], buckets: Sequence[str]) -> li
     out = []
     for variant, region in dict.fromkeys((r["variant"], r["region"]) for r in seed_rows):
         group = [r for r in seed_rows if (r["variant"], r["region"]) == (variant, region)]
-        row: dict[str, Any] = {"variant": variant, "region": region, "n_seeds": len(group), "folds": group[0]["folds"]}
+        row: dict[str, Any] = {"variant": variant, "region": region, "n_seeds": len(group), "folds": group[0]["folds"], "cases": group[0]["cases"]}
         row["n_cases"] = int(group[0]["n_cases"])
         for bucket in ("", *(f"_{b}" for b in buckets)):
             row[f"n_ref_lesions{bucket}"] = int(group[0][f"n_ref_lesions{bucket}"])
@@ -186,8 +190,9 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def markdown_table(summary: Sequence[dict[str, Any]], buckets: Sequence[str], edges_mm3: Sequence[float]) -> str:
-    """The summary as a markdown table: mean ± std over seeds; bucket headers give the size range and lesion count."""
+def markdown_table(summary: Sequence[dict[str, Any]], buckets: Sequence[str], edges_mm3: Sequence[float], show_cases: bool = False) -> str:
+    """The summary as a markdown table: mean ± std over seeds; bucket headers give the size range and, with one
+    region, the reference lesion count; ``show_cases`` adds the validation case ids (per-fold tables)."""
     regions = list(dict.fromkeys(r["region"] for r in summary))
     single = len(regions) == 1
     ranges = [label.split("\n")[-1] for label in bucket_labels(buckets, edges_mm3)]
@@ -198,10 +203,10 @@ def markdown_table(summary: Sequence[dict[str, Any]], buckets: Sequence[str], ed
         return f"{name} ({', '.join(parts)})" if parts else name
 
     bucket_heads = [head(f"recall {b}", f"n_ref_lesions_{b}", rng) for b, rng in zip(buckets, ranges)]
-    heads = ["loss", *([] if single else ["region"]), "seeds", "Dice", head("lesion recall", "n_ref_lesions"), *bucket_heads, "FP lesions / case", "lesion precision"]
+    heads = ["loss", *(["validation cases"] if show_cases else []), *([] if single else ["region"]), "seeds", "Dice", head("lesion recall", "n_ref_lesions"), *bucket_heads, "FP lesions / case", "lesion precision"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
     for row in summary:
-        cells = [f"`{row['variant']}`", *([] if single else [row["region"]]), str(row["n_seeds"])]
+        cells = [f"`{row['variant']}`", *([row["cases"]] if show_cases else []), *([] if single else [row["region"]]), str(row["n_seeds"])]
         for score in ("dice", "lesion_recall", *(f"recall_{b}" for b in buckets), "fp_per_case", "lesion_precision"):
             cells.append(_pm(row[f"{score}_mean"], row[f"{score}_std"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -232,8 +237,10 @@ def plot_recall_vs_size(summary: Sequence[dict[str, Any]], buckets: Sequence[str
     return fig
 
 
-def aggregate(folders: Sequence[str | Path], out: str | Path | None = None) -> list[dict[str, Any]]:
+def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_fold: bool = False) -> list[dict[str, Any]]:
     """Read every finished job under ``folders`` and write the CSVs, the markdown table and the plot.
+
+    With ``per_fold``, each cross-validation fold gets its own rows instead of being pooled (see :func:`per_seed`).
 
     Returns:
         The summary rows (one per variant and region).
@@ -254,11 +261,11 @@ def aggregate(folders: Sequence[str | Path], out: str | Path | None = None) -> l
         raise ValueError(f"expected finished jobs (with test_cases.csv) under {[str(f) for f in folders]}, got none")
     out = Path(out) if out is not None else Path(folders[0]) / "ablation"
     buckets, edges = jobs[0].buckets, jobs[0].edges_mm3
-    seed_rows = per_seed(jobs)
+    seed_rows = per_seed(jobs, per_fold)
     summary = summarise(seed_rows, buckets)
     write_csv_atomic(seed_rows, out / "ablation_seeds.csv")
     write_csv_atomic(summary, out / "ablation.csv")
-    table = markdown_table(summary, buckets, edges)
+    table = markdown_table(summary, buckets, edges, show_cases=per_fold)
     tmp = out / ".ablation.md.tmp"
     tmp.write_text(table)
     tmp.replace(out / "ablation.md")
@@ -277,9 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("folders", nargs="+", type=Path, help="multirun folders (or job folders); all their jobs are pooled")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first folder>/ablation)")
+    parser.add_argument("--per-fold", action="store_true", help="a row per cross-validation fold instead of pooling the folds")
     args = parser.parse_args(argv)
     try:
-        aggregate(args.folders, args.out)
+        aggregate(args.folders, args.out, args.per_fold)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

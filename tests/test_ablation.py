@@ -147,3 +147,17 @@ def test_cli_reports_errors(tmp_path, capsys):
     fabricate_job(tmp_path / "run" / "0", "dice", 1, None, [case(0.5, 2, 1, 0, 0, 1)])
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     assert "1 job(s) aggregated" in capsys.readouterr().out and (tmp_path / "out" / "ablation.csv").is_file()
+
+
+def test_per_fold_rows(multirun, tmp_path):
+    summary = aggregate([multirun], tmp_path / "out", per_fold=True)
+    assert [(r["variant"], r["cases"], r["n_cases"]) for r in summary[:2]] == [("dice, fold 0", "case00", 1), ("dice, fold 1", "case10", 1)]
+    fold0, fold1 = summary[:2]
+    # fold 0: small lesions detected 1, 2, 3 of 4 over the seeds; fold 1: 2, 3, 4 of 6
+    assert (fold0["recall_small_mean"], fold0["recall_small_std"]) == pytest.approx((0.5, 0.25))
+    assert (fold1["recall_small_mean"], fold1["recall_small_std"]) == pytest.approx((0.5, 1 / 6))
+    assert math.isnan(fold1["recall_large_mean"])  # no large lesion in fold 1
+    table = (tmp_path / "out" / "ablation.md").read_text().splitlines()
+    assert table[0].startswith("| loss | validation cases | seeds | Dice |") and table[2].startswith("| `dice, fold 0` | case00 | 3 | 0.600 ± 0.000 |")
+    assert main([str(multirun), "--per-fold", "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "ablation.md").read_text() == (tmp_path / "out" / "ablation.md").read_text()
