@@ -46,6 +46,15 @@ def test_peak_memory_counts_tensors_made_inside_only():
     assert peak is not None and 2000 * 2000 * 4 <= peak < 2 * 2000 * 2000 * 4
 
 
+def test_peak_memory_leaves_out_frees_of_blocks_from_an_earlier_window():
+    cpu = torch.device("cpu")
+    kept: list[torch.Tensor] = []
+    peak_memory(lambda: kept.append(torch.ones(1000, 1000)), cpu)  # 4 MB allocated in an earlier window
+    # freed here, then two (500, 500) float32 tensors alive at once: the peak is theirs, 2 MB
+    peak = peak_memory(lambda: (kept.clear(), torch.ones(500, 500) * 2), cpu)
+    assert peak is not None and 2 * 500 * 500 * 4 <= peak < 3 * 500 * 500 * 4
+
+
 def test_fit_exponent_known_answers():
     voxels = [8.0, 27.0, 64.0]
     assert fit_exponent(voxels, [v**1.5 for v in voxels]) == pytest.approx(1.5)

@@ -145,23 +145,32 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def _cpu_peak(profiler: torch.profiler.profile) -> int | None:
-    """Peak of the running sum of the CPU allocation events a finished profiler recorded."""
+    """Peak of the running sum of the CPU allocation events a finished profiler recorded.
+
+    Only blocks allocated inside the window count: the free of a block allocated before it is left out
+    (torch records it as a negative size when an earlier profiling session saw the allocation).
+    """
     try:  # the event tree is torch's own (semi-private) view of the recorded events
         from torch._C._profiler import _EventType
 
-        events: list[tuple[int, int]] = []
+        events: list[tuple[int, int, int]] = []  # (time ns, address, bytes; negative: freed)
         stack = list(profiler.profiler.kineto_results.experimental_event_tree())
         while stack:
             event = stack.pop()
             if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-                events.append((event.start_time_ns, event.extra_fields.alloc_size))
+                events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
             stack.extend(event.children)
     except (AttributeError, ImportError, RuntimeError) as error:  # a torch without this API
         print(f"warning: CPU peak memory not measured ({error})", file=sys.stderr)
         return None
+    live: dict[int, int] = {}  # address -> bytes of the blocks allocated in the window and not yet freed
     current = peak = 0
-    for _, size in sorted(events):
-        current += size
+    for _, address, size in sorted(events):
+        if size > 0:
+            live[address] = size
+            current += size
+        elif address in live:
+            current -= live.pop(address)
         peak = max(peak, current)
     return peak
 
