@@ -282,23 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="voxel size in mm (default: 1 1 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="dataset seed, >= 0 (default: 0)")
-    parser.add_argument(
-        "--satellites",
-        type=int,
-        nargs=2,
-        default=list(SATELLITES),
-        metavar=("MIN", "MAX"),
-        help="number of satellite lesions per case, drawn in [MIN, MAX] (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--satellite-radius-mm",
-        type=float,
-        nargs=2,
-        default=list(SATELLITE_RADIUS_MM),
-        metavar=("MIN", "MAX"),
-        help="semi-axis range of the satellites' enhancing part in mm at full scale, kept within "
-        "1.2-4 voxels (default: %(default)s)",
-    )
+    satellite_options = [
+        ("--satellites", int, SATELLITES, "number of satellite lesions per case, drawn in [MIN, MAX]"),
+        ("--satellite-radius-mm", float, SATELLITE_RADIUS_MM, "semi-axis range of the satellites' enhancing "
+         "part in mm at full scale, kept within 1.2-4 voxels"),
+    ]  # fmt: skip
+    for flag, kind, default, text in satellite_options:
+        parser.add_argument(
+            flag, type=kind, nargs=2, default=list(default), metavar=("MIN", "MAX"), help=f"{text} (default: %(default)s)"
+        )
     args = parser.parse_args(argv)
     try:
         cases = generate_dataset(
