@@ -191,24 +191,29 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown_table(summary: Sequence[dict[str, Any]], buckets: Sequence[str], edges_mm3: Sequence[float], show_cases: bool = False) -> str:
-    """The summary as a markdown table: mean ± std over seeds; bucket headers give the size range and, with one
-    region, the reference lesion count; ``show_cases`` adds the validation case ids (per-fold tables)."""
+    """The summary as a markdown table: mean ± std over seeds. Bucket headers give the size range; reference
+    lesion counts go in the headers when every row has the same ones (one task, all folds pooled), else in the
+    cells. ``show_cases`` adds the validation case ids (per-fold tables)."""
     regions = list(dict.fromkeys(r["region"] for r in summary))
-    single = len(regions) == 1
     ranges = [label.split("\n")[-1] for label in bucket_labels(buckets, edges_mm3)]
+    recalls = [("lesion_recall", "n_ref_lesions", "lesion recall", "")] + [
+        (f"recall_{b}", f"n_ref_lesions_{b}", f"recall {b}", rng) for b, rng in zip(buckets, ranges)
+    ]
+    shared = {key: summary[0][key] for _, key, _, _ in recalls if len({r[key] for r in summary}) == 1}
 
-    def head(name: str, count_key: str, detail: str = "") -> str:
-        # Reference lesion counts (per seed, the same for every loss) when the table has one region.
-        parts = [p for p in (detail, f"n={summary[0][count_key]}" if single else "") if p]
+    def head(name: str, detail: str, count_key: str) -> str:
+        parts = [p for p in (detail, f"n={shared[count_key]}" if count_key in shared else "") if p]
         return f"{name} ({', '.join(parts)})" if parts else name
 
-    bucket_heads = [head(f"recall {b}", f"n_ref_lesions_{b}", rng) for b, rng in zip(buckets, ranges)]
-    heads = ["loss", *(["validation cases"] if show_cases else []), *([] if single else ["region"]), "seeds", "Dice", head("lesion recall", "n_ref_lesions"), *bucket_heads, "FP lesions / case", "lesion precision"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    labels = ["loss", *(["validation cases"] if show_cases else []), *(["region"] if len(regions) > 1 else [])]
+    heads = [*labels, "seeds", "Dice", *(head(name, detail, key) for _, key, name, detail in recalls), "FP lesions / case", "lesion precision"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] * len(labels) + ["---:"] * (len(heads) - len(labels))) + "|"]
     for row in summary:
-        cells = [f"`{row['variant']}`", *([row["cases"]] if show_cases else []), *([] if single else [row["region"]]), str(row["n_seeds"])]
-        for score in ("dice", "lesion_recall", *(f"recall_{b}" for b in buckets), "fp_per_case", "lesion_precision"):
-            cells.append(_pm(row[f"{score}_mean"], row[f"{score}_std"]))
+        cells = [f"`{row['variant']}`", *([row["cases"]] if show_cases else []), *([row["region"]] if len(regions) > 1 else [])]
+        cells += [str(row["n_seeds"]), _pm(row["dice_mean"], row["dice_std"])]
+        for score, key, _, _ in recalls:
+            cells.append(_pm(row[f"{score}_mean"], row[f"{score}_std"]) + ("" if key in shared else f" (n={row[key]})"))
+        cells += [_pm(row[f"{score}_mean"], row[f"{score}_std"]) for score in ("fp_per_case", "lesion_precision")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -158,6 +158,10 @@ def test_per_fold_rows(multirun, tmp_path):
     assert (fold1["recall_small_mean"], fold1["recall_small_std"]) == pytest.approx((0.5, 1 / 6))
     assert math.isnan(fold1["recall_large_mean"])  # no large lesion in fold 1
     table = (tmp_path / "out" / "ablation.md").read_text().splitlines()
-    assert table[0].startswith("| loss | validation cases | seeds | Dice |") and table[2].startswith("| `dice, fold 0` | case00 | 3 | 0.600 ± 0.000 |")
+    # the folds hold different lesions: their counts go in the cells, not the headers
+    # (both folds hold 6 lesions, so that count stays in the header)
+    assert table[0].startswith("| loss | validation cases | seeds | Dice | lesion recall (n=6) | recall small (< 100 mm³) | recall large (>= 100 mm³) |")
+    assert table[2].startswith("| `dice, fold 0` | case00 | 3 | 0.600 ± 0.000 | 0.667 ± 0.167 | 0.500 ± 0.250 (n=4) | 1.000 ± 0.000 (n=2) |")
+    assert table[3].startswith("| `dice, fold 1` | case10 | 3 | 0.800 ± 0.100 | 0.500 ± 0.167 | 0.500 ± 0.167 (n=6) | - (n=0) |")
     assert main([str(multirun), "--per-fold", "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "ablation.md").read_text() == (tmp_path / "out" / "ablation.md").read_text()
