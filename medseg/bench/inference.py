@@ -2,7 +2,9 @@
 with the same network and window settings (``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``).
 
 The case is generated in the BraTS layout at BraTS size (4x240x240x155 at 1 mm); the network is the
-config's with random weights (time does not depend on them). On a CPU the full run uses the demo
+config's with random weights. The network's time does not depend on them; the labels stage of a case does:
+random weights mark most of the brain box as foreground (a trained network a few percent), so that stage
+is an upper bound. On a CPU the full run uses the demo
 experiment's small U-Net with a 64^3 window, since the BraTS network takes minutes per case there; on a
 GPU the BraTS experiment as configured.
 
