@@ -104,7 +104,7 @@ class SegmentationModule(L.LightningModule):
         ) if lesion_metrics else None
         self.case_rows: list[dict[str, Any]] = []
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
-        self._nonfinite_batch: str | None = None  # what this process saw in the current step
+        self._last_batch: tuple[Tensor, list[str]] | None = None  # (loss, cases) of this process's current step
         self._skipped_in_a_row = 0
 
     def forward(self, image: Tensor) -> Tensor:
@@ -124,15 +124,25 @@ class SegmentationModule(L.LightningModule):
         else:
             loss = self.loss(logits, target)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
-        self._nonfinite_batch = None if torch.isfinite(loss) else f"loss {loss.item()} on cases {list(dict.fromkeys(batch.get('case') or []))}"
+        self._last_batch = (loss.detach(), list(batch.get("case") or []))  # looked at only if the step goes wrong
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop or skip the step when a gradient is NaN or infinite (checked after the DDP all-reduce, so every
-        process decides alike); runs before gradient clipping, which would spread a NaN to every weight."""
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Clip gradients (``trainer.gradient_clip_val``) and stop or skip the step when one is NaN or infinite.
+
+        One pass over the gradients gives both: their total norm, computed after the DDP all-reduce, so that
+        every process decides alike. With a float16 ``GradScaler`` (``precision=16-mixed``) overflowing steps
+        are the scaler's to skip and are left to it.
+        """
+        if gradient_clip_algorithm not in (None, "norm"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        if finite:
+        if not grads:
+            return
+        total_norm = torch.nn.utils.get_total_norm(grads)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, total_norm)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or bool(torch.isfinite(total_norm)):
             self._skipped_in_a_row = 0
             return
         where = f"step {self.global_step} (epoch {self.current_epoch}): {self._nonfinite_culprits()}"
@@ -151,10 +161,13 @@ class SegmentationModule(L.LightningModule):
 
     def _nonfinite_culprits(self) -> str:
         """What every process saw in this step (collective: called by all processes alike)."""
-        seen = [self._nonfinite_batch]
+        mine = None
+        if self._last_batch is not None and not torch.isfinite(self._last_batch[0]):
+            mine = f"loss {self._last_batch[0].item()} on cases {list(dict.fromkeys(self._last_batch[1]))}"
+        seen = [mine]
         if dist.is_available() and dist.is_initialized():
             seen = [None] * dist.get_world_size()
-            dist.all_gather_object(seen, self._nonfinite_batch)
+            dist.all_gather_object(seen, mine)
         named = [f"rank {rank}: {what}" if len(seen) > 1 else what for rank, what in enumerate(seen) if what]
         return "; ".join(named) or "non-finite gradients with a finite loss"
 
