@@ -17,6 +17,7 @@ from medseg.config import CONFIG_DIR
 LOSS_DIR = CONFIG_DIR / "loss"
 EXPECTED = {
     "focal_dice": losses.FocalDiceLoss,
+    "focal_dice_g1": losses.FocalDiceLoss,
     "dice": losses.DiceLoss,
     "focal": losses.FocalLoss,
     "ce": losses.CrossEntropyLoss,
