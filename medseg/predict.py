@@ -250,11 +250,16 @@ def segment(probs: Tensor, spec: LabelSpec, threshold: float = 0.5, min_voxels: 
         masks = np.stack([index == c for c in range(1, probs.shape[0])])  # (C_out - 1, X, Y, Z)
     masks = np.stack([remove_small_components(m, min_voxels) for m in masks])
     labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
-    foreground = np.argwhere(masks.any(0))
-    if not len(foreground):
+    foreground = masks.any(0)  # (X, Y, Z)
+    if not foreground.any():
         return labels
-    # Labels only within the foreground's bounding box: most of a scan is background.
-    box = tuple(slice(lo, hi + 1) for lo, hi in zip(foreground.min(0), foreground.max(0)))
+    # Labels only within the foreground's bounding box: most of a scan is background. Per-axis projections
+    # find the box without listing every foreground voxel.
+    bounds = []
+    for axis in range(3):
+        hits = foreground.any(axis=tuple(a for a in range(3) if a != axis))  # (size along axis,) bool
+        bounds.append(slice(int(hits.argmax()), len(hits) - int(hits[::-1].argmax())))
+    box = tuple(bounds)
     crop = masks[(slice(None), *box)]  # (R, x, y, z)
     if spec.mode == "sigmoid":
         labels[box] = spec.to_labels(torch.from_numpy(crop))[0].numpy()
