@@ -13,16 +13,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-# Columns of the console table: voxel overlap scores, then lesion-wise detection.
-TABLE_COLUMNS = {
-    "dice": "Dice",
-    "iou": "IoU",
-    "recall": "Recall",
-    "precision": "Prec.",
-    "lesion_recall": "Lesion rec.",
-    "lesion_recall_small": "Small rec.",
-    "lesion_precision": "Lesion prec.",
-}
+# Columns of the console table: voxel overlap scores, then lesion-wise detection (overall recall, one recall
+# column per lesion size bucket, whatever the buckets are named, then lesion precision).
+VOXEL_COLUMNS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Prec."}
 
 
 def _as_float(value: Any) -> float:
@@ -38,9 +31,11 @@ def metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str =
     """
     table = Table(title=title or f"{stage} metrics", title_justify="left")
     table.add_column("region", no_wrap=True)
-    columns = [c for c in TABLE_COLUMNS if any(f"{stage}/{c}_{n}" in metrics for n in names)]
+    by_size = {f"lesion_recall_{b}": f"{b.capitalize()} rec." for b in size_buckets(metrics, names, stage)}
+    headers = {**VOXEL_COLUMNS, "lesion_recall": "Lesion rec.", **by_size, "lesion_precision": "Lesion prec."}
+    columns = [c for c in headers if any(f"{stage}/{c}_{n}" in metrics for n in names)]
     for column in columns:
-        table.add_column(TABLE_COLUMNS[column], justify="right")
+        table.add_column(headers[column], justify="right")
     for name in [*names, "mean"]:
         cells = []
         for column in columns:
@@ -51,6 +46,13 @@ def metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str =
             cells.append("-" if value is None or math.isnan(_as_float(value)) else f"{_as_float(value):.4f}")
         table.add_row(name, *cells, style="bold" if name == "mean" else None)
     return table
+
+
+def size_buckets(metrics: Mapping[str, Any], names: Sequence[str], stage: str = "val") -> list[str]:
+    """Lesion size bucket names in logged order, read off the ``<stage>/n_ref_lesions_<bucket>_<name>`` keys."""
+    prefix = f"{stage}/n_ref_lesions_"
+    found = [key.removeprefix(prefix).removesuffix(f"_{name}") for key in metrics for name in names if key.startswith(prefix) and key.endswith(f"_{name}")]
+    return list(dict.fromkeys(b for b in found if b))
 
 
 def print_metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str = "val", title: str | None = None) -> None:
