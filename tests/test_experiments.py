@@ -13,6 +13,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from conftest import shared_dataset
@@ -105,6 +106,19 @@ def test_ct_abdomen_preset(tmp_path):
     assert dm.preprocess_options["ct_window"] == [-175.0, 250.0]
 
 
+@pytest.mark.parametrize("window", ["[250,-175]", "[100,100]", "[-175]", "[-175,250,400]"])
+def test_a_ct_window_that_is_not_low_then_high_is_refused(tmp_path, window):
+    cfg = preset(tmp_path, "+experiment=ct_abdomen", "data.root=unused", f"data.ct_window={window}")
+    # Hydra re-raises the data module's ValueError as an InstantiationException holding its message.
+    with pytest.raises((ValueError, InstantiationException), match=r"expected data.ct_window = \[low, high\].*low < high, got"):
+        instantiate(cfg.data)
+
+
+def test_the_ct_window_is_not_checked_for_mri(tmp_path):
+    cfg = preset(tmp_path, "+experiment=ms_lesions", "data.root=unused", "data.ct_window=[250,-175]")
+    assert instantiate(cfg.data).preprocess_options["ct_window"] == [250, -175]
+
+
 @pytest.mark.realdata
 def test_ct_window_reaches_preprocessing(tmp_path):
     root = shared_dataset("CT_abdomen")
@@ -138,6 +152,15 @@ def test_small_lesions_generates_its_data_with_the_satellite_options(tmp_path):
 def test_presets_give_medseg_evaluate_their_labels(experiment, names):
     cfg = compose("evaluate", [f"+experiment={experiment}", "pred=predictions", "ref=labels"])
     assert list(cfg.data.labels.names) == names and cfg.ref == "labels"
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
+def test_every_preset_composes_with_medseg_evaluate_as_with_training(tmp_path, experiment):
+    """A preset may override only groups that medseg.evaluate has too (data, model, paths), else evaluate fails."""
+    trained = preset(tmp_path, f"+experiment={experiment}")
+    evaluated = compose("evaluate", [f"+experiment={experiment}", "pred=predictions", "ref=labels"])
+    assert evaluated.data.labels == trained.data.labels
+    assert evaluated.model.get("lesion_metrics") == trained.model.get("lesion_metrics")
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 from medseg.data.check import check_before_training
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import CaseRecord, find_cases
-from medseg.data.transforms import augmentation_from_config, preprocessing
+from medseg.data.transforms import augmentation_from_config, check_intensity, preprocessing
 
 
 def split_cases(
@@ -162,6 +162,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if len(patch_size) != 3:
             raise ValueError(f"expected a 3D data.patch_size, got {list(patch_size)}")
         check_fold(fold, num_folds)  # fails before the dataset is read; the case count is checked in setup
+        check_intensity(intensity, ct_window)
         self.layout = layout
         self.root = str(Path(root).expanduser())
         self.label_spec = LabelSpec.from_config(labels)

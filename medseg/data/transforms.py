@@ -11,6 +11,7 @@ seen often enough), random flips and intensity augmentation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,6 +23,21 @@ from medseg.data.labels import ConvertLabelsd, LabelSpec
 IMAGE, LABEL = "image", "label"
 # Axis labels of NIfTI world space (RAS+), given explicitly so that orientation never depends on metadata.
 NIFTI_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def check_intensity(intensity: str, ct_window: Sequence[float]) -> None:
+    """Validate ``data.intensity`` and, for CT, ``data.ct_window`` (two finite Hounsfield values, low < high).
+
+    Raises:
+        ValueError: naming the key and the value found.
+    """
+    if intensity not in ("mri", "ct", "none"):
+        raise ValueError(f"expected data.intensity 'mri', 'ct' or 'none', got {intensity!r}")
+    if intensity != "ct":
+        return
+    window = list(ct_window) if isinstance(ct_window, Sequence) and not isinstance(ct_window, str) else [ct_window]
+    if len(window) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in window) or not window[0] < window[1]:
+        raise ValueError(f"expected data.ct_window = [low, high] in Hounsfield units with low < high, got {window}")
 
 
 def preprocessing(
@@ -48,8 +64,7 @@ def preprocessing(
         A transform mapping ``{"image": [files], "label": file}`` to ``image`` ``(C, H, W, D)`` float32 and
         ``label`` ``(R, H, W, D)`` multi-hot (sigmoid) or ``(1, H, W, D)`` class indices (softmax).
     """
-    if intensity not in ("mri", "ct", "none"):
-        raise ValueError(f"expected data.intensity 'mri', 'ct' or 'none', got {intensity!r}")
+    check_intensity(intensity, ct_window)
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     steps: list[Any] = [
         T.LoadImaged(keys, reader="NibabelReader", image_only=True, ensure_channel_first=True),
