@@ -15,6 +15,8 @@ from rich.table import Table
 
 # Columns of the console table: voxel overlap scores, then lesion-wise detection (overall recall, one recall
 # column per lesion size bucket, whatever the buckets are named, then lesion precision).
+# Width of the table when output is not a terminal (log files, CI): room for eight or more bucket columns.
+LOG_WIDTH = 200
 VOXEL_COLUMNS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Prec."}
 
 
@@ -56,8 +58,11 @@ def size_buckets(metrics: Mapping[str, Any], names: Sequence[str], stage: str = 
 
 
 def print_metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str = "val", title: str | None = None) -> None:
-    """Print :func:`metrics_table` to the terminal."""
-    Console().print(metrics_table(metrics, names, stage, title))
+    """Print :func:`metrics_table` to the terminal (in logs and pipes, wide enough for every column)."""
+    console = Console()
+    if not console.is_terminal:  # rich assumes 80 columns there and would cut the numbers short
+        console = Console(width=LOG_WIDTH)
+    console.print(metrics_table(metrics, names, stage, title))
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -44,3 +44,12 @@ def test_no_lesion_metrics_no_lesion_columns():
     metrics = {"val/dice": 0.8, "val/dice_et": 0.8, "val/iou_et": 0.7}
     assert size_buckets(metrics, ["et"]) == []
     assert list(_columns(metrics_table(metrics, ["et"]))) == ["region", "Dice", "IoU"]
+
+
+def test_printed_to_a_pipe_the_numbers_are_not_cut_short(capsys):
+    from medseg.report import print_metrics_table
+
+    metrics = _metrics({"tiny": (0.123456, 59), "small": (0.2, 60), "medium": (0.9, 27), "large": (1.0, 8)})
+    print_metrics_table(metrics, ["lesion"], "test")
+    out = capsys.readouterr().out
+    assert "0.1235" in out and "Lesion prec." in out and "…" not in out
