@@ -13,10 +13,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-# Columns of the console table: voxel overlap scores, then lesion-wise detection (overall recall, one recall
-# column per lesion size bucket, whatever the buckets are named, then lesion precision).
 # Width of the table when output is not a terminal (log files, CI): room for eight or more bucket columns.
 LOG_WIDTH = 200
+# Columns of the console table: voxel overlap scores, then lesion-wise detection (overall recall, one recall
+# column per lesion size bucket, whatever the buckets are named, then lesion precision).
 VOXEL_COLUMNS = {"dice": "Dice", "iou": "IoU", "recall": "Recall", "precision": "Prec."}
 
 

@@ -156,7 +156,7 @@ def test_presets_give_medseg_evaluate_their_labels(experiment, names):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_every_preset_composes_with_medseg_evaluate_as_with_training(tmp_path, experiment):
-    """A preset may override only groups that medseg.evaluate has too (data, model, paths), else evaluate fails."""
+    """A preset overrides groups (data, model, trainer) that medseg.evaluate must have too, else evaluate fails."""
     trained = preset(tmp_path, f"+experiment={experiment}")
     evaluated = compose("evaluate", [f"+experiment={experiment}", "pred=predictions", "ref=labels"])
     assert evaluated.data.labels == trained.data.labels
