@@ -51,9 +51,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     if rank_zero_only.rank == 0:
-        # Generate demo data and check the dataset now, before Lightning starts other processes, so that a
-        # broken dataset ends the run with one message (Lightning calls it again; both steps are cached).
+        # Generate demo data, check the dataset and build the preprocessing cache now, before Lightning starts
+        # other processes, so that a broken dataset ends the run with one message (Lightning calls it again).
         datamodule.prepare_data()
+    elif not datamodule.synthetic:
+        # Ranks started together (SLURM, torchrun) wait on the cache's lock (or share the build) before the
+        # process group forms, so that a long first build never runs into the group's timeout.
+        datamodule.prepare_cache(progress=False)
     model = build_model(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
     save_config(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,19 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real sample data not available: {path} is absent (tests read ../shared/data beside the repository)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def preprocessing_cache(tmp_path_factory) -> Path:
+    """Every test's disk caches (paths.cache_dir) in one session folder, not in the repository's outputs/."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("MEDSEG_CACHE")
+    os.environ["MEDSEG_CACHE"] = str(folder)  # subprocesses (DDP, SLURM simulations) inherit it
+    yield folder
+    if previous is None:
+        os.environ.pop("MEDSEG_CACHE", None)
+    else:
+        os.environ["MEDSEG_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

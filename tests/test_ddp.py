@@ -69,12 +69,16 @@ def run_folders(tmp_path: Path) -> list[Path]:
 
 
 def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
-    folder = tmp_path / "run"
-    command = [sys.executable, "-m", "medseg.train", *tiny(brats_tree, tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", f"hydra.run.dir={folder}")]
+    folder, cache_dir = tmp_path / "run", tmp_path / "outputs" / "cache"
+    command = [sys.executable, "-m", "medseg.train", *tiny(brats_tree, tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", f"hydra.run.dir={folder}", f"paths.cache_dir={cache_dir}")]
     run(command, tmp_path, environment())
 
     # One run folder for both ranks (no second timestamped folder from the re-launched rank 1).
     assert [p.name for p in tmp_path.iterdir() if p.name != "outputs"] == ["run"]
+    # One preprocessing cache for both ranks: one folder, one entry per case, no leftovers of a second build.
+    (cache,) = cache_dir.iterdir()
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted(p.name for p in brats_tree.iterdir() if p.is_dir())
+    assert not [p for p in cache.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
     assert not (tmp_path / "outputs" / "demo").exists()
     checkpoints = sorted(p.name for p in (folder / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints
@@ -88,8 +92,10 @@ def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
     # The same checkpoint evaluated by one process on the same cases gives the same numbers.
     summary = json.loads((folder / "metrics.json").read_text())
     model, _ = load_model(summary["checkpoint"])
-    single = compose("train", ["+experiment=demo", f"data.root={brats_tree}", "data.synthetic=null", "data.num_workers=0", f"data.split_path={folder / 'split.json'}", f"paths.output_dir={tmp_path / 'single'}"])
+    single = compose("train", ["+experiment=demo", f"data.root={brats_tree}", "data.synthetic=null", "data.num_workers=0", f"data.split_path={folder / 'split.json'}", f"paths.output_dir={tmp_path / 'single'}", f"paths.cache_dir={cache_dir}"])
     from hydra.utils import instantiate
+
+    assert instantiate(single.data).case_cache.folder == cache  # the single process reads the same entries
 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path / "single")
     metrics = trainer.test(model, datamodule=instantiate(single.data), verbose=False)[0]

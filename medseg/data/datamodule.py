@@ -1,4 +1,4 @@
-"""The Lightning data module: find cases, split them, cache preprocessing, serve patches and whole volumes."""
+"""The Lightning data module: find cases, split them, cache preprocessing on disk, serve patches and volumes."""
 
 from __future__ import annotations
 
@@ -11,15 +11,18 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
-from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
+from monai.data import DataLoader, MetaTensor
 from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.transforms import Compose
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
+from medseg.data.cache import BuildSummary, CaseCache, CasePreprocessor
 from medseg.data.check import check_before_training
+from medseg.data.datasets import CACHE_MODES, CaseStore, DiskStore, FreshStore, MemoryStore, PatchDataset, VolumeDataset
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import CaseRecord, find_cases
-from medseg.data.transforms import augmentation_from_config, check_intensity, preprocessing
+from medseg.data.sampling import IndexOptions
+from medseg.data.transforms import check_intensity, patches_from_config, preprocessing
 
 
 def split_cases(
@@ -107,9 +110,13 @@ class SegmentationDataModule(L.LightningDataModule):
         batch_size: volumes per training batch; each yields ``samples_per_volume`` patches.
         samples_per_volume: random patches drawn from each loaded volume.
         num_workers: DataLoader worker processes.
-        cache_rate: fraction of cases whose preprocessing is cached in memory (0 disables the cache).
-        cache_dir: if set, preprocessing is cached on disk there instead (:class:`monai.data.PersistentDataset`),
-            for datasets larger than memory.
+        cache: where preprocessed cases are kept: ``"disk"`` (memory-mapped entries of the disk cache: memory
+            does not grow with the dataset), ``"memory"`` (the disk cache's entries read into memory once per
+            process, for small datasets) or ``"none"`` (preprocessed again at every read). See
+            :mod:`medseg.data.cache`.
+        cache_dir: the folder of disk caches; this dataset's is ``<cache_dir>/<dataset>-<options hash>``.
+        preprocess_workers: processes preprocessing the cases that the cache lacks (0: this process).
+        sampling: the ``data.sampling`` node (:class:`medseg.data.sampling.IndexOptions`).
         val_fraction: fraction of cases held out for validation (when ``fold`` is ``None``).
         seed: seed of the split.
         fold: ``None`` for the seeded ``val_fraction`` split, or the cross-validation fold held out for
@@ -138,8 +145,10 @@ class SegmentationDataModule(L.LightningDataModule):
         batch_size: int = 2,
         samples_per_volume: int = 2,
         num_workers: int = 4,
-        cache_rate: float = 1.0,
-        cache_dir: str | None = None,
+        cache: Literal["disk", "memory", "none"] = "disk",
+        cache_dir: str = "outputs/.cache",
+        preprocess_workers: int = 0,
+        sampling: Mapping[str, Any] | None = None,
         val_fraction: float = 0.2,
         seed: int = 42,
         fold: int | None = None,
@@ -157,8 +166,10 @@ class SegmentationDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1 or samples_per_volume < 1:
             raise ValueError(f"expected data.batch_size and data.samples_per_volume >= 1, got {batch_size} and {samples_per_volume}")
-        if not 0.0 <= cache_rate <= 1.0:
-            raise ValueError(f"expected data.cache_rate in [0, 1], got {cache_rate}")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"expected data.cache one of {list(CACHE_MODES)}, got {cache!r}")
+        if preprocess_workers < 0:
+            raise ValueError(f"expected data.preprocess_workers >= 0, got {preprocess_workers}")
         if len(patch_size) != 3:
             raise ValueError(f"expected a 3D data.patch_size, got {list(patch_size)}")
         check_fold(fold, num_folds)  # fails before the dataset is read; the case count is checked in setup
@@ -174,13 +185,16 @@ class SegmentationDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.samples_per_volume = samples_per_volume
         self.num_workers = num_workers
-        self.cache_rate = cache_rate
+        self.cache = cache
         self.cache_dir = cache_dir
+        self.preprocess_workers = preprocess_workers
         self.val_fraction = val_fraction
         self.seed = seed
         self.fold = fold
         self.num_folds = num_folds
-        self.preprocess_options = dict(spacing=spacing, intensity=intensity, ct_window=ct_window, crop_foreground=crop_foreground)
+        spacing = [float(v) for v in spacing] if spacing is not None else None  # plain lists: hashed into the cache key
+        self.preprocess_options = dict(spacing=spacing, intensity=intensity, ct_window=[float(v) for v in ct_window], crop_foreground=bool(crop_foreground))
+        self.preprocessor = CasePreprocessor(self.label_spec, self.preprocess_options, IndexOptions.from_config(sampling))
         self.augment = dict(augment or {})
         self.synthetic = dict(synthetic) if synthetic else None
         self.split_path = split_path
@@ -190,15 +204,43 @@ class SegmentationDataModule(L.LightningDataModule):
         self.val_cases: list[CaseRecord] = []
         self._train_dataset: Dataset | None = None
         self._val_dataset: Dataset | None = None
+        self._store: CaseStore | None = None
+        self._prepared = False
 
     # Lightning calls prepare_data on one process per node: generate data here, never in setup.
     def prepare_data(self) -> None:
+        """Generate synthetic data (if configured), check the dataset, build the preprocessing cache.
+
+        ``medseg.train`` calls it before Lightning starts other processes; Lightning calls it again
+        (local rank 0 of each node), which then does nothing.
+        """
+        if self._prepared:
+            return
         if self.synthetic:
             from medseg.data.synthetic import generate_dataset
 
             generate_dataset(self.root, self.synthetic["cases"], **{k: v for k, v in self.synthetic.items() if k != "cases"})
         # After generation, so that synthetic data are checked too; raises DatasetError naming the check command.
         check_before_training(self.layout, self.root, self.label_spec, self.modalities, self.in_channels, self.check)
+        self.prepare_cache()
+        self._prepared = True
+
+    @property
+    def case_cache(self) -> CaseCache:
+        """The disk cache of this dataset and these preprocessing options."""
+        return CaseCache.for_dataset(self.cache_dir, self.layout, self.root, self.modalities, self.preprocessor)
+
+    def prepare_cache(self, progress: bool = True) -> BuildSummary | None:
+        """Build the disk cache entries that are missing, outdated or damaged (all cases, so that every split
+        and fold shares one cache); ``None`` with ``cache="none"``. Safe to call from every process at once:
+        one builds under a file lock while the others wait, then find the entries valid."""
+        if self.cache == "none":
+            return None
+        cache = self.case_cache
+        summary = cache.ensure(self.find_cases(), self.preprocessor, self.preprocess_workers, progress=progress)
+        if summary.built or summary.rebuilt:
+            rank_zero_info(f"Preprocessing cache {cache.folder}: {summary.format()}")
+        return summary
 
     def find_cases(self) -> list[CaseRecord]:
         """All labelled cases of the dataset (raises :class:`medseg.data.layouts.DatasetError` with the fix)."""
@@ -233,8 +275,9 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """MONAI MetaTensors to plain tensors, so that metrics and checkpoints stay free of MONAI metadata;
-        the voxel spacing in mm (after resampling) is kept as ``batch["spacing"]`` ``(B, 3)``."""
-        if isinstance(batch, dict) and isinstance(batch.get("image"), MetaTensor):
+        the voxel spacing in mm (after resampling) is kept as ``batch["spacing"]`` ``(B, 3)`` (the datasets of
+        :mod:`medseg.data.datasets` already serve plain tensors and the spacing)."""
+        if isinstance(batch, dict) and isinstance(batch.get("image"), MetaTensor) and "spacing" not in batch:
             affine = batch["image"].affine.reshape(-1, 4, 4)  # (B, 4, 4)
             batch["spacing"] = affine[:, :3, :3].pow(2).sum(1).sqrt().float()  # column norms, (B, 3)
             for key in ("image", "label"):
@@ -242,33 +285,36 @@ class SegmentationDataModule(L.LightningDataModule):
                     batch[key] = batch[key].as_tensor()
         return batch
 
-    def _dataset(self, cases: list[CaseRecord], transform: Compose, random_part: Compose | None = None) -> Dataset:
-        # Flattened, so that the cache holds everything up to the first random transform.
-        full = Compose([transform, random_part]).flatten() if random_part is not None else transform
-        if self.cache_dir:
-            return PersistentDataset(cases, full, cache_dir=self.cache_dir)
-        if self.cache_rate > 0:
-            # One caching thread: with several, MONAI's shared transform instances raced and now and then
-            # cached a case's 4-channel image as 1 channel (in a few percent of cache builds).
-            return CacheDataset(cases, full, cache_rate=self.cache_rate, num_workers=1, progress=True)
-        return Dataset(cases, full)
+    def store(self) -> CaseStore:
+        """Where the datasets read preprocessed cases (``data.cache``); made once per process."""
+        if self._store is None:
+            if self.cache == "none":
+                self._store = FreshStore(self.preprocessor)
+            else:
+                cache = self.case_cache
+                stale = cache.stale(self.train_cases + self.val_cases)
+                if stale:  # this process did not prepare the cache (e.g. a direct setup call): build it now
+                    self.prepare_cache()
+                self._store = DiskStore(cache) if self.cache == "disk" else MemoryStore(cache, self.train_cases + self.val_cases)
+        return self._store
 
     @property
     def preprocessing(self) -> Compose:
         """The deterministic transforms for labelled cases (also used by prediction and evaluation)."""
         return preprocessing(self.label_spec, with_label=True, **self.preprocess_options)
 
-    def train_dataset(self) -> Dataset:
-        """Training patches (preprocessing cached, augmentation random); built once, then reused."""
+    def train_dataset(self) -> PatchDataset:
+        """Training patches (preprocessed cases from the store, patch positions and augmentation random)."""
         if self._train_dataset is None:
-            random_part = augmentation_from_config(self.patch_size, self.samples_per_volume, self.augment)
-            self._train_dataset = self._dataset(self.train_cases, self.preprocessing, random_part)
+            sampler, augment = patches_from_config(self.patch_size, self.label_spec, self.augment)
+            self._train_dataset = PatchDataset(self.train_cases, self.store(), sampler, augment, self.samples_per_volume)
+            self._train_dataset.set_random_state(self.seed)  # DataLoader workers reseed it from the torch seed
         return self._train_dataset
 
-    def val_dataset(self) -> Dataset:
-        """Whole preprocessed validation volumes; built once, then reused by validation and test."""
+    def val_dataset(self) -> VolumeDataset:
+        """Whole preprocessed validation volumes (validation and test)."""
         if self._val_dataset is None:
-            self._val_dataset = self._dataset(self.val_cases, self.preprocessing)
+            self._val_dataset = VolumeDataset(self.val_cases, self.store())
         return self._val_dataset
 
     def _world(self) -> tuple[int, int] | None:

@@ -1,12 +1,12 @@
 """MONAI transform pipelines: a deterministic, cacheable preprocessing part and a random training part.
 
-Preprocessing (cached by :class:`monai.data.CacheDataset`): load NIfTI -> channel first -> RAS orientation
+Preprocessing (cached on disk by :mod:`medseg.data.cache`): load NIfTI -> channel first -> RAS orientation
 -> optional resampling to a target spacing -> crop to the non-zero foreground (skull-stripped MRI) ->
 intensity normalisation (per-channel z-score over non-zero voxels for MRI; Hounsfield window for CT)
 -> label check and conversion (:class:`medseg.data.labels.ConvertLabelsd`).
 
-Training adds padding to the patch size, foreground-biased random patches (so that small lesions are
-seen often enough), random flips and intensity augmentation.
+Training cuts foreground-biased random patches (:mod:`medseg.data.sampling`, so that small lesions are
+seen often enough) and applies random flips and intensity augmentation to each.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from monai import transforms as T
 
 from medseg.data.labels import ConvertLabelsd, LabelSpec
+from medseg.data.sampling import PatchSampler
 
 IMAGE, LABEL = "image", "label"
 # Axis labels of NIfTI world space (RAS+), given explicitly so that orientation never depends on metadata.
@@ -86,9 +87,6 @@ def preprocessing(
 
 
 def augmentation(
-    patch_size: Sequence[int],
-    samples_per_volume: int = 2,
-    foreground_fraction: float = 0.67,
     flip_prob: float = 0.5,
     flip_axes: Sequence[int] = (0, 1, 2),
     intensity_scale_prob: float = 0.3,
@@ -96,37 +94,20 @@ def augmentation(
     intensity_scale: float = 0.1,
     intensity_shift: float = 0.1,
 ) -> T.Compose:
-    """The random part of the training pipeline.
+    """The random transforms of each training patch (cut by :class:`medseg.data.sampling.PatchSampler`).
 
     Args:
-        patch_size: training patch ``(H, W, D)`` in voxels.
-        samples_per_volume: patches drawn from each loaded volume (the batch holds ``batch_size * this``).
-        foreground_fraction: probability that a patch is centred on a labelled voxel. Small lesions are a
-            tiny fraction of the volume; uniform sampling would almost never show them to the network.
         flip_prob: probability of a flip along each axis.
         flip_axes: the axes (0, 1, 2 = L-R, P-A, I-S after RAS orientation) that may be flipped; leave out an
             axis along which classes differ by position (hippocampus anterior/posterior: only ``(0,)``).
         intensity_scale_prob, intensity_scale: probability and range of a random intensity scaling.
         intensity_shift_prob, intensity_shift: probability and range of a random intensity offset.
     """
-    if not 0.0 <= foreground_fraction <= 1.0:
-        raise ValueError(f"expected data.augment.foreground_fraction in [0, 1], got {foreground_fraction}")
     if not set(flip_axes) <= {0, 1, 2}:
         raise ValueError(f"expected data.augment.flip_axes among 0, 1, 2, got {list(flip_axes)}")
     keys = [IMAGE, LABEL]
-    patch = tuple(int(p) for p in patch_size)
     return T.Compose(
         [
-            T.SpatialPadd(keys, spatial_size=patch),
-            T.RandCropByPosNegLabeld(
-                keys,
-                label_key=LABEL,
-                spatial_size=patch,
-                pos=foreground_fraction,
-                neg=1.0 - foreground_fraction,
-                num_samples=samples_per_volume,
-                allow_smaller=False,
-            ),
             *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes),
             T.RandScaleIntensityd(IMAGE, factors=intensity_scale, prob=intensity_scale_prob),
             T.RandShiftIntensityd(IMAGE, offsets=intensity_shift, prob=intensity_shift_prob),
@@ -134,6 +115,10 @@ def augmentation(
     )
 
 
-def augmentation_from_config(patch_size: Sequence[int], samples_per_volume: int, augment: Mapping[str, Any]) -> T.Compose:
-    """:func:`augmentation` with the options of the ``data.augment`` config node."""
-    return augmentation(patch_size, samples_per_volume, **dict(augment))
+def patches_from_config(patch_size: Sequence[int], labels: LabelSpec, augment: Mapping[str, Any]) -> tuple[PatchSampler, T.Compose]:
+    """The patch sampler and the per-patch augmentation of the ``data.augment`` config node
+    (``foreground_fraction`` is the sampler's, the other keys :func:`augmentation`'s)."""
+    options = dict(augment)
+    sampling = {key: options.pop(key) for key in ("foreground_fraction",) if key in options}
+    sampler = PatchSampler(patch_size, labels.names, **sampling)
+    return sampler, augmentation(**options)

@@ -1,0 +1,278 @@
+"""The preprocessing cache on disk: same data as fresh preprocessing, exact rebuilds, safe concurrent builds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.data.cache import CaseCache, PreprocessedCase
+from medseg.data.datamodule import SegmentationDataModule
+from medseg.data.datasets import FreshStore, PatchDataset
+from medseg.data.sampling import IndexOptions, build_sampling_index, read_patch
+from medseg.data.transforms import IMAGE, LABEL
+
+from conftest import BRATS_LABELS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_datamodule(root, cache_dir, **overrides) -> SegmentationDataModule:
+    options = dict(
+        layout="brats", root=str(root), labels=BRATS_LABELS, patch_size=(24, 24, 24), batch_size=2, samples_per_volume=3,
+        num_workers=0, val_fraction=0.34, seed=1, cache_dir=str(cache_dir), check=None,
+    )
+    options.update(overrides)
+    return SegmentationDataModule(**options)
+
+
+def entries(cache: CaseCache) -> dict[str, float]:
+    """Entry name -> modification time of its meta.json (changes only when the entry is rewritten)."""
+    return {p.name: (p / "meta.json").stat().st_mtime_ns for p in cache.folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def assert_same_case(a: PreprocessedCase, b: PreprocessedCase) -> None:
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    np.testing.assert_array_equal(np.asarray(a.label), np.asarray(b.label))
+    assert a.index.keys() == b.index.keys()
+    for key in a.index:
+        np.testing.assert_array_equal(a.index[key], b.index[key], err_msg=key)
+    assert a.spacing == pytest.approx(b.spacing)
+    np.testing.assert_allclose(a.affine, b.affine)
+
+
+def test_cached_volumes_equal_monai_preprocessing(brats_tree, tmp_path):
+    dm = make_datamodule(brats_tree, tmp_path)
+    dm.setup("fit")
+    transform = dm.preprocessing  # MONAI's pipeline applied directly, no cache involved
+    dataset = dm.val_dataset()
+    for i, record in enumerate(dm.val_cases):
+        fresh = transform({IMAGE: record[IMAGE], LABEL: record[LABEL]})
+        item = dataset[i]
+        torch.testing.assert_close(item[IMAGE], fresh[IMAGE].as_tensor(), rtol=0, atol=0)
+        torch.testing.assert_close(item[LABEL], fresh[LABEL].as_tensor(), rtol=0, atol=0)
+        assert item["case"] == record["case"]
+
+
+@pytest.mark.parametrize("mode", ["memory", "none"])
+def test_disk_patches_equal_memory_and_fresh_patches(brats_tree, tmp_path, mode):
+    disk = make_datamodule(brats_tree, tmp_path, augment={"foreground_fraction": 0.5})
+    other = make_datamodule(brats_tree, tmp_path, augment={"foreground_fraction": 0.5}, cache=mode)
+    for dm in (disk, other):
+        dm.setup("fit")
+    a, b = disk.train_dataset(), other.train_dataset()
+    assert type(other.store()).__name__ == {"memory": "MemoryStore", "none": "FreshStore"}[mode]
+    for seed in (0, 7):
+        a.set_random_state(seed), b.set_random_state(seed)
+        for i in range(len(a)):
+            for pa, pb in zip(a[i], b[i], strict=True):
+                for key in (IMAGE, LABEL, "spacing"):
+                    torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=0)
+    a.set_random_state(0)
+    first = a[0][0][IMAGE].clone()
+    a.set_random_state(1)
+    assert not torch.equal(first, a[0][0][IMAGE])  # another seed, other patches: the comparison can fail
+
+
+def test_patches_are_the_sampled_windows_of_the_volume(brats_tree, tmp_path):
+    # Without augmentation, each patch is exactly the window of the whole volume at the sampled start.
+    dm = make_datamodule(brats_tree, tmp_path, augment={"flip_prob": 0.0, "intensity_scale_prob": 0.0, "intensity_shift_prob": 0.0, "foreground_fraction": 1.0})
+    dm.setup("fit")
+    dataset = dm.train_dataset()
+    case = dm.store().load(dm.train_cases[0])
+    dataset.set_random_state(3)
+    patches = dataset[0]
+    dataset.set_random_state(3)
+    starts = dataset.sampler.starts(case.image.shape[1:], case.index, dm.samples_per_volume)
+    shape = case.image.shape[1:]
+    for patch, start in zip(patches, starts, strict=True):
+        inside = tuple(slice(max(s, 0), min(s + 24, n)) for s, n in zip(start, shape))  # the window within the volume
+        in_patch = tuple(slice(w.start - s, w.stop - s) for w, s in zip(inside, start))
+        np.testing.assert_array_equal(patch[IMAGE].numpy()[(slice(None), *in_patch)], np.asarray(case.image)[(slice(None), *inside)])
+        outside = patch[IMAGE].numpy().copy()
+        outside[(slice(None), *in_patch)] = 0
+        assert not outside.any()  # zero padding where the patch leaves the volume
+        assert patch[LABEL].sum() > 0  # foreground_fraction 1: centred on a labelled voxel
+
+
+def test_read_patch_pads_with_zeros_like_monai():
+    from monai.transforms import SpatialPad
+
+    volume = np.random.default_rng(0).normal(size=(2, 5, 9, 4)).astype(np.float32)
+    padded = SpatialPad((8, 8, 8))(torch.from_numpy(volume)).numpy()  # symmetric zero padding of short axes
+    # Along H (5 < 8) and D (4 < 8) the padded volume starts at -(8-5)//2 = -1 and -(8-4)//2 = -2.
+    np.testing.assert_array_equal(read_patch(volume, (-1, 1, -2), (8, 8, 8)), padded[:, :, 1:9, :])
+    assert read_patch(volume, (3, 7, 2), (4, 4, 4))[:, 2:, 2:, 2:].sum() == 0
+
+
+def test_sampling_index_against_a_direct_count():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    target = (rng.random((2, 30, 28, 26)) > 0.985).astype(np.uint8)
+    target[0, 2:9, 3:8, 4:10] = 1  # one large component among speckles
+    index = build_sampling_index(target, "sigmoid", ["a", "b"], IndexOptions(max_voxels=300, voxels_per_component=5))
+    for r, name in enumerate(["a", "b"]):
+        mask = target[r] > 0
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))  # 26-connectivity
+        sizes = np.sort(np.bincount(labels.ravel())[1:])
+        np.testing.assert_array_equal(np.sort(index[f"component_size_{name}"]), sizes)
+        voxels = index[f"voxels_{name}"]
+        assert len(voxels) == min(300, mask.sum()) and len(np.unique(voxels, axis=0)) == len(voxels)
+        assert mask[tuple(voxels.T)].all()
+        inside = index[f"component_voxels_{name}"]  # (m, 5, 3): voxels of their own component, inside its box
+        assert inside.shape == (count, 5, 3)
+        for c in range(count):
+            ids = labels[tuple(inside[c].T)]
+            assert (ids > 0).all() and len(set(ids.tolist())) == 1
+            box = index[f"component_bbox_{name}"][c]
+            assert ((inside[c] >= box[:3]) & (inside[c] < box[3:])).all()
+            assert (labels == ids[0]).sum() == index[f"component_size_{name}"][c]
+
+
+def test_parallel_build_equals_in_process_build(brats_tree, tmp_path):
+    # Worker processes share no transform state: the thread race that once cached a 4-channel image with
+    # 1 channel cannot recur, and two workers give bit-identical entries.
+    serial = make_datamodule(brats_tree, tmp_path / "serial")
+    parallel = make_datamodule(brats_tree, tmp_path / "parallel", preprocess_workers=2)
+    assert serial.prepare_cache(progress=False).built == 6
+    assert parallel.prepare_cache(progress=False).built == 6
+    for record in serial.find_cases():
+        case = str(record["case"])
+        assert_same_case(serial.case_cache.load(case), parallel.case_cache.load(case))
+        assert parallel.case_cache.load(case).image.shape[0] == 4
+
+
+def test_option_change_or_touched_file_rebuilds_exactly_the_affected_entries(brats_copy, tmp_path):
+    dm = make_datamodule(brats_copy, tmp_path)
+    first = dm.prepare_cache(progress=False)
+    assert (first.built, first.reused) == (6, 0)
+    before = entries(dm.case_cache)
+    again = dm.prepare_cache(progress=False)
+    assert (again.built, again.reused) == (0, 6) and entries(dm.case_cache) == before
+
+    touched = brats_copy / "SYN-0002" / "SYN-0002_t1ce.nii.gz"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    assert dm.case_cache.problem(dm.find_cases()[2]) == "source changed"
+    summary = dm.prepare_cache(progress=False)
+    assert (summary.built, summary.reused) == (1, 5)
+    after = entries(dm.case_cache)
+    assert [name for name in before if after[name] != before[name]] == ["SYN-0002"]
+
+    resampled = make_datamodule(brats_copy, tmp_path, spacing=(5.0, 5.0, 5.0))
+    assert resampled.case_cache.folder != dm.case_cache.folder
+    assert resampled.prepare_cache(progress=False).built == 6
+    assert entries(dm.case_cache) == after  # the other options' cache is left as it was
+    options = json.loads((resampled.case_cache.folder / "options.json").read_text())
+    assert options["preprocessing"]["spacing"] == [5.0, 5.0, 5.0]
+
+
+def test_damaged_entries_are_detected_and_rebuilt(brats_tree, tmp_path, caplog):
+    dm = make_datamodule(brats_tree, tmp_path)
+    dm.prepare_cache(progress=False)
+    cache, records = dm.case_cache, dm.find_cases()
+    reference = {str(r["case"]): cache.load(str(r["case"]), mmap=False) for r in records}
+    image = cache.entry("SYN-0001") / "image.npy"
+    with open(image, "r+b") as f:
+        f.truncate(image.stat().st_size // 2)  # a truncated file (disk full, killed copy)
+    label = cache.entry("SYN-0004") / "label.npy"
+    np.save(label, np.zeros((3, 2, 2, 2), dtype=np.uint8))  # a file of another shape
+    (cache.entry("SYN-0005") / "meta.json").unlink()  # a folder without its commit record
+    problems = {str(r["case"]): cache.problem(r) for r in records}
+    assert problems["SYN-0001"].startswith("damaged: image.npy has")
+    assert problems["SYN-0004"].startswith("damaged: label.npy")
+    assert problems["SYN-0005"] == "damaged: meta.json is missing"
+    assert [c for c, p in problems.items() if p is None] == ["SYN-0000", "SYN-0002", "SYN-0003"]
+    with caplog.at_level(logging.WARNING, logger="medseg"):
+        summary = dm.prepare_cache(progress=False)
+    assert (summary.built, summary.rebuilt, summary.reused) == (0, 3, 3)
+    assert sum("rebuilding" in r.getMessage() for r in caplog.records) == 3
+    for case, expected in reference.items():
+        assert_same_case(cache.load(case), expected)
+
+
+def _script(body: str) -> str:
+    return textwrap.dedent(
+        f"""
+        import json, os, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from conftest import BRATS_LABELS
+        from medseg.data.datamodule import SegmentationDataModule
+        if __name__ == "__main__":
+            dm = SegmentationDataModule(layout="brats", root=sys.argv[1], labels=BRATS_LABELS, cache_dir=sys.argv[2], check=None)
+        """
+    ) + textwrap.indent(textwrap.dedent(body), "    ")
+
+
+def test_two_processes_building_at_once_make_one_valid_cache(brats_tree, tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text(_script("s = dm.prepare_cache(progress=False)\nprint(json.dumps([s.built, s.reused]))"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, str(script), str(brats_tree), str(tmp_path / "cache")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-4000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(built for built, _ in results) == 6  # every entry built once, by one of the two
+    dm = make_datamodule(brats_tree, tmp_path / "cache")
+    assert dm.case_cache.stale(dm.find_cases()) == []
+    assert not [p for p in dm.case_cache.folder.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+
+
+def test_a_killed_build_leaves_no_entry_read_as_valid(brats_tree, tmp_path):
+    # The process dies (os._exit: no cleanup, as SIGKILL) while writing the third entry's arrays.
+    script = tmp_path / "killed.py"
+    script.write_text(_script(
+        """
+        import numpy as np
+        import medseg.data.cache as cache
+        saved = []
+        real_save = np.save
+        def dying_save(file, array, **kwargs):
+            saved.append(1)
+            if len(saved) == 5:  # entries 1-2 have 2 arrays each; die in entry 3's second array
+                file.write(b"half")
+                file.flush()
+                os._exit(9)
+            real_save(file, array, **kwargs)
+        cache.np.save = dying_save
+        dm.prepare_cache(progress=False)
+        """
+    ))
+    result = subprocess.run([sys.executable, str(script), str(brats_tree), str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 9, result.stderr[-4000:]
+    dm = make_datamodule(brats_tree, tmp_path / "cache")
+    cache, records = dm.case_cache, dm.find_cases()
+    assert [p.name.startswith(".tmp-") for p in cache.folder.iterdir() if p.is_dir()].count(True) == 1
+    problems = [cache.problem(r) for r in records]
+    assert problems.count(None) == 2 and problems.count("missing") == 4
+    summary = dm.prepare_cache(progress=False)
+    assert (summary.built, summary.reused) == (4, 2)
+    assert not [p for p in cache.folder.iterdir() if p.name.startswith(".tmp-")]
+    assert cache.stale(records) == []
+
+
+def test_fresh_store_reads_what_the_cache_stores(brats_tree, tmp_path):
+    dm = make_datamodule(brats_tree, tmp_path)
+    dm.setup("fit")
+    record = dm.train_cases[0]
+    assert_same_case(FreshStore(dm.preprocessor).load(record), dm.store().load(record))
+    assert isinstance(dm.train_dataset(), PatchDataset)
+
+
+def test_bad_cache_options_are_named(brats_tree, tmp_path):
+    with pytest.raises(ValueError, match=r"data.cache one of"):
+        make_datamodule(brats_tree, tmp_path, cache="ram")
+    with pytest.raises(ValueError, match=r"data.preprocess_workers >= 0"):
+        make_datamodule(brats_tree, tmp_path, preprocess_workers=-1)
+    with pytest.raises(ValueError, match=r"data.sampling.connectivity"):
+        make_datamodule(brats_tree, tmp_path, sampling={"connectivity": 4})
