@@ -6,9 +6,11 @@ inference, optionally averaged over flips (test-time augmentation) -> probabilit
 input's own voxel grid by inverting the preprocessing (MONAI records every spatial step on the image's
 MetaTensor) -> threshold (sigmoid) or argmax (softmax) -> removal of small connected components ->
 dataset labels (BraTS 0/1/2/4, MSD class values) -> ``<output>/<case>.nii.gz`` with the input's shape,
-affine and header, written atomically. ``predict(cfg)`` is the whole job; ``main`` adds Hydra and
-readable errors. A case that fails is reported and the others still run; ``<output>/predictions.json``
-lists each case's output file or error.
+affine and header, written atomically. Over several cases the sliding window runs one case after another
+while worker threads read the next cases and write the previous ones (``prefetch``, see
+:func:`predict_cases`). ``predict(cfg)`` is the whole job; ``main`` adds Hydra and readable errors. A case
+that fails is reported and the others still run; ``<output>/predictions.json`` lists each case's output
+file or error, in the input's order.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from copy import deepcopy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -311,8 +315,85 @@ def output_name(case: str) -> str:
     return f"{case.replace('/', '_').replace(os.sep, '_')}.nii.gz"
 
 
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed for the sliding window (:func:`read_case`)."""
+
+    record: CaseRecord
+    target: Path  # <output>/<case>.nii.gz
+    data: dict[str, Any]  # {"image": (C_in, H, W, D) MetaTensor whose applied_operations Invertd undoes}
+    seconds: float  # spent on this case's own stages so far (not waiting in a queue)
+
+
+def read_case(record: CaseRecord, transform: Compose, options: PredictOptions) -> PreparedCase:
+    """Read and preprocess one case, and check it before the network spends time on it.
+
+    Args:
+        record: ``{"case", "image": [files]}``.
+        transform: the checkpoint's preprocessing (:func:`medseg.data.transforms.preprocessing`).
+
+    Raises:
+        ValueError: its output file would be one of the input files, or it has not the checkpoint's number
+            of channels. Reader errors pass through (MONAI wraps them in a ``RuntimeError``).
+    """
+    start = time.perf_counter()
+    target = options.output / output_name(str(record["case"]))
+    if target.resolve() in options.inputs:
+        raise ValueError(f"output file {target} is an input file; choose another output folder")
+    data = transform({IMAGE: list(record["image"])})
+    image = data[IMAGE]  # (C_in, H, W, D) MetaTensor on the preprocessed grid
+    if options.in_channels is not None and image.shape[0] != options.in_channels:
+        raise ValueError(f"expected {options.in_channels} image channels (the checkpoint's data.in_channels), got {image.shape[0]} from {record['image']}")
+    return PreparedCase(record, target, data, time.perf_counter() - start)
+
+
+def infer_case(case: PreparedCase, model: SegmentationModule, options: PredictOptions) -> Tensor:
+    """Sliding-window probabilities of a prepared case; adds the time to ``case.seconds``.
+
+    Returns:
+        ``(C_out, H, W, D)`` float32 on the CPU (the copy waits for the device, so that the device memory is
+        free for the next case and the time is the inference's).
+    """
+    start = time.perf_counter()
+    image = case.data[IMAGE].as_tensor().to(options.device)  # (C_in, H, W, D)
+    probs = infer_probabilities(model, image, options.tta, options.flip_axes).cpu()
+    case.seconds += time.perf_counter() - start
+    return probs
+
+
+def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+    """Probabilities of a case back on its input grid -> labels -> ``<output>/<case>.nii.gz`` (and the
+    probabilities if asked).
+
+    Args:
+        probs: ``(C_out, H, W, D)`` from :func:`infer_case`.
+        transform: the preprocessing that produced ``case.data``.
+
+    Returns:
+        ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``); ``seconds`` sums
+        the case's own stages.
+    """
+    start = time.perf_counter()
+    probs = to_original_geometry(probs, case.data, transform)  # (C_out, X, Y, Z)
+    if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
+        probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
+    reference = nib.load(case.record["image"][0])
+    voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
+    labels = segment(probs, spec, options.threshold, options.min_component_mm3 / voxel_mm3)  # (X, Y, Z)
+    write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, case.target)
+    result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
+    if options.save_probabilities:
+        prob_path = options.output / PROBABILITY_DIR / case.target.name
+        prob_path.parent.mkdir(exist_ok=True)
+        write_nifti_atomic(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), reference, prob_path)
+        result["probabilities"] = str(prob_path)
+    result["seconds"] = round(case.seconds + time.perf_counter() - start, 2)
+    return result
+
+
 def predict_case(record: CaseRecord, model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
-    """Segment one case and write ``<output>/<case>.nii.gz`` (and its probabilities if asked).
+    """Segment one case and write ``<output>/<case>.nii.gz`` (and its probabilities if asked):
+    :func:`read_case`, :func:`infer_case` and :func:`write_case` in a row.
 
     Args:
         record: ``{"case", "image": [files]}``.
@@ -323,30 +404,87 @@ def predict_case(record: CaseRecord, model: SegmentationModule, transform: Compo
     Returns:
         ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``).
     """
-    start = time.perf_counter()
-    target = options.output / output_name(str(record["case"]))
-    if target.resolve() in options.inputs:
-        raise ValueError(f"output file {target} is an input file; choose another output folder")
-    data = transform({IMAGE: list(record["image"])})
-    image = data[IMAGE]  # (C_in, H, W, D) MetaTensor on the preprocessed grid
-    if options.in_channels is not None and image.shape[0] != options.in_channels:
-        raise ValueError(f"expected {options.in_channels} image channels (the checkpoint's data.in_channels), got {image.shape[0]} from {record['image']}")
-    probs = infer_probabilities(model, image.as_tensor().to(options.device), options.tta, options.flip_axes)  # (C_out, H, W, D)
-    probs = to_original_geometry(probs, data, transform)  # (C_out, X, Y, Z)
-    if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
-        probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
-    reference = nib.load(record["image"][0])
-    voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
-    labels = segment(probs, spec, options.threshold, options.min_component_mm3 / voxel_mm3)  # (X, Y, Z)
-    write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, target)
-    result = {"case": record["case"], "prediction": str(target), "shape": list(labels.shape)}
-    if options.save_probabilities:
-        prob_path = options.output / PROBABILITY_DIR / target.name
-        prob_path.parent.mkdir(exist_ok=True)
-        write_nifti_atomic(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), reference, prob_path)
-        result["probabilities"] = str(prob_path)
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    return result
+    case = read_case(record, transform, options)
+    return write_case(case, infer_case(case, model, options), transform, spec, options)
+
+
+class _InlineExecutor(Executor):
+    """Runs each submitted call at once in the calling thread (``prefetch=0``: one stage after another)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as err:  # kept for the caller, as a worker thread's future would keep it
+            future.set_exception(err)
+        return future
+
+
+def predict_cases(cases: Sequence[CaseRecord], model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions, prefetch: int = 1) -> Iterator[dict[str, Any]]:
+    """Predict ``cases`` with the sliding window in this thread and reading and writing overlapped with it.
+
+    While case ``i`` is inferred, cases ``i+1 .. i+prefetch`` are read and preprocessed (:func:`read_case`)
+    and the cases before ``i`` are written (:func:`write_case`) by ``prefetch`` worker threads on each side;
+    at most ``prefetch`` cases wait on each side, so memory does not grow with the number of cases.
+
+    Args:
+        cases: ``{"case", "image": [files]}`` records.
+        prefetch: cases read ahead of (and written behind) the one inferred, >= 0; 0 runs every stage in this
+            thread, one case after another.
+
+    Yields:
+        One result per case, in the order of ``cases``: :func:`predict_case`'s, or ``{"case", "error",
+        "image"}`` for a case that failed (logged; the others still run).
+    """
+    # Threads rather than processes: the heavy parts of reading (zlib inflating in nibabel, the NumPy and
+    # torch array work of MONAI's transforms) and of writing (Invertd's torch ops, NumPy, zlib deflating)
+    # release the GIL, so threads overlap the sliding window as processes would. They also share the
+    # preprocessed MetaTensor, applied_operations included, as it is: no pickling of whole volumes, no
+    # worker start-up, no fork after CUDA or OpenMP started, and a case's exception keeps the chain its
+    # error message is taken from. MONAI's deterministic transforms are safe to call from several threads
+    # (its CacheDataset does so).
+    reader, writer = (ThreadPoolExecutor(prefetch, thread_name_prefix=f"medseg-{role}") if prefetch else _InlineExecutor() for role in ("read", "write"))
+    reads: deque[tuple[CaseRecord, Future]] = deque()  # read ahead, oldest first
+    writes: deque[tuple[CaseRecord, Future]] = deque()  # inferred (or failed), oldest first
+
+    def read_ahead(index: int) -> None:
+        if index < len(cases):
+            reads.append((cases[index], reader.submit(read_case, cases[index], transform, options)))
+
+    try:
+        for index in range(prefetch):
+            read_ahead(index)
+        for index in range(len(cases)):
+            read_ahead(index + prefetch)
+            record, read = reads.popleft()
+            try:
+                case = read.result()
+                probs = infer_case(case, model, options)  # (C_out, H, W, D)
+            except Exception as err:  # reported in the input's order, after the cases before it
+                failed: Future = Future()
+                failed.set_exception(err)
+                writes.append((record, failed))
+            else:
+                writes.append((record, writer.submit(write_case, case, probs, transform, spec, options)))
+            while len(writes) > prefetch:
+                yield _outcome(*writes.popleft())
+        while writes:
+            yield _outcome(*writes.popleft())
+    finally:  # also when the caller stops early: no worker is left running
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _outcome(record: CaseRecord, stage: Future) -> dict[str, Any]:
+    """The result of a case's last stage, or its error entry (logged) when one of its stages failed."""
+    try:
+        return stage.result()
+    except Exception as err:  # one unreadable case must not stop the others; it is reported instead
+        message = _root_cause(err)
+        unreadable = _unreadable_file(record["image"])
+        message = f"{unreadable}: {message}" if unreadable else message
+        log.error("case %s failed: %s", record["case"], message)
+        return {"case": record["case"], "error": message, "image": list(record["image"])}
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -365,6 +503,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     check_required(cfg, REQUIRED_HELP)
     if cfg.min_component_mm3 < 0:
         raise ConfigError(f"expected min_component_mm3 >= 0, got {cfg.min_component_mm3}")
+    if not isinstance(cfg.prefetch, int) or isinstance(cfg.prefetch, bool) or cfg.prefetch < 0:
+        raise ConfigError(f"expected prefetch to be a whole number >= 0 (cases read ahead; 0: one case after another), got {cfg.prefetch!r}")
     device = _device(str(cfg.device))
     inferer = OmegaConf.to_container(cfg.inferer, resolve=True) if cfg.get("inferer") else None
     model, train_cfg = load_model(cfg.ckpt_path, inferer)
@@ -401,16 +541,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     log.info("Predicting %d case(s) with %s on %s into %s", len(cases), cfg.ckpt_path, device, output)
     results: list[dict[str, Any]] = []
     with logging_redirect_tqdm(loggers=[log]):
-        progress = tqdm(cases, desc="predict", unit="case", dynamic_ncols=True)
-        for record in progress:
-            try:
-                results.append(predict_case(record, model, transform, spec, options))
-            except Exception as err:  # one unreadable case must not stop the others; it is reported instead
-                message = _root_cause(err)
-                unreadable = _unreadable_file(record["image"])
-                message = f"{unreadable}: {message}" if unreadable else message
-                log.error("case %s failed: %s", record["case"], message)
-                results.append({"case": record["case"], "error": message, "image": list(record["image"])})
+        progress = tqdm(predict_cases(cases, model, transform, spec, options, cfg.prefetch), total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
+        for result in progress:
+            results.append(result)
             progress.set_postfix(failed=sum("error" in r for r in results))
     summary = {
         "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),

@@ -1,4 +1,5 @@
-"""Prediction: labels in the input's own geometry, known answers through the inverse transforms, robustness."""
+"""Prediction: labels in the input's own geometry, known answers through the inverse transforms, robustness,
+and the pipeline over several cases (reading and writing overlapped with inference, same outputs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -23,11 +26,14 @@ from medseg.data.labels import LabelSpec
 from medseg.data.layouts import DatasetError
 from medseg.data.synthetic import CONTRASTS, generate_case
 from medseg.module import SegmentationModule
-from medseg.predict import check_output_folder, find_input_cases, main, predict, segment
+from medseg.predict import check_output_folder, find_input_cases, main, predict, predict_cases, segment
 
 BRATS_VALUES = {0, 1, 2, 4}
 SPACING = (2.0, 3.0, 4.0)  # anisotropic, mm
 SHAPE = (40, 36, 28)  # RAS voxels before reorientation
+# Seconds a stage of the pipeline tests waits for another stage that should run beside it: a guard against
+# a deadlock (the stages running one after another), not a timing figure.
+OVERLAP_WAIT_S = 60.0
 
 
 def compose_predict(*overrides: str):
@@ -70,6 +76,26 @@ def load(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(image.dataobj), image.affine
 
 
+def untrained_checkpoint(path: Path, *overrides: str) -> Path:
+    """A checkpoint laid out as medseg.train writes it: the network of the ``train`` config composed with
+    ``overrides``, with random weights (no training)."""
+    from omegaconf import OmegaConf
+
+    from medseg.config import compose
+    from medseg.train import build_model
+
+    cfg = compose("train", [f"paths.output_dir={path.parent}", *overrides])
+    torch.manual_seed(0)
+    torch.save({"state_dict": build_model(cfg).state_dict(), "medseg_config": OmegaConf.to_container(cfg, resolve=True)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """The demo network with random weights and 32^3 windows (several per case of :func:`brats_tree`)."""
+    return untrained_checkpoint(tmp_path_factory.mktemp("demo") / "demo.ckpt", "+experiment=demo", "data.root=unused", "data.synthetic=null", "data.patch_size=[32,32,32]")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(brats_tree, tmp_path_factory) -> Path:
     """A real training checkpoint (one epoch, the tiny demo net) that resamples to 4 mm."""
@@ -78,7 +104,7 @@ def checkpoint(brats_tree, tmp_path_factory) -> Path:
     from medseg.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(tiny_run(brats_tree, out, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "evaluate_best=false", "data.val_fraction=0", "data.cache_rate=0", "data.spacing=[4.0,4.0,4.0]", "logger=csv"))
+    train(tiny_run(brats_tree, out, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "evaluate_best=false", "data.val_fraction=0", "data.spacing=[4.0,4.0,4.0]", "logger=csv"))
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -193,14 +219,7 @@ def test_user_errors_are_one_readable_line(tmp_path, caplog):
 def test_softmax_msd_case_known_answer(tmp_path, monkeypatch):
     """An untrained hippocampus (softmax) checkpoint whose network answers class 1 below the case's mean
     intensity and class 2 above it, on a single-file MSD test image stored in LPI orientation."""
-    from omegaconf import OmegaConf
-
-    from medseg.config import compose
-    from medseg.train import build_model
-
-    cfg = compose("train", ["+experiment=hippocampus", "data.root=unused", f"paths.output_dir={tmp_path}"])
-    ckpt = tmp_path / "hippocampus.ckpt"
-    torch.save({"state_dict": build_model(cfg).state_dict(), "medseg_config": OmegaConf.to_container(cfg, resolve=True)}, ckpt)
+    ckpt = untrained_checkpoint(tmp_path / "hippocampus.ckpt", "+experiment=hippocampus", "data.root=unused")
 
     def predict_volume(self, image):  # (1, 1, H, W, D) z-scored over non-zero voxels -> (1, 3, H, W, D)
         x = image[:, 0]
@@ -379,3 +398,133 @@ def test_tta_flips_only_the_axes_the_model_was_trained_with(flip_axes, calls):
     expected = [image[None].flip(list(c)) for k in range(len(dims) + 1) for c in combinations(dims, k)]
     assert all(any(torch.equal(s, e) for s in seen) for e in expected)
     torch.testing.assert_close(probs, torch.sigmoid(image[:1]))  # every flip undone before averaging
+
+
+# The pipeline over several cases: reading and writing in worker threads beside the sliding window.
+
+
+def fake_cases(folder: Path, n_cases: int) -> list[dict]:
+    """Records of cases ``C0, C1, ...`` whose one image is a readable (tiny) NIfTI file."""
+    folder.mkdir(parents=True)
+    cases = []
+    for i in range(n_cases):
+        path = folder / f"C{i}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
+        cases.append({"case": f"C{i}", "image": [str(path)], "label": None})
+    return cases
+
+
+def replace_stages(monkeypatch, cases: list[dict], before=lambda stage, index: None, fail=frozenset()) -> None:
+    """Stand-ins for ``read_case``, ``infer_case`` and ``write_case`` of :mod:`medseg.predict`: each calls
+    ``before(stage, case index)``, then raises a RuntimeError if ``(stage, index)`` is in ``fail``; the
+    written result is ``{"case", "prediction": index}``."""
+
+    def stage(name: str, index: int) -> None:
+        before(name, index)
+        if (name, index) in fail:
+            raise RuntimeError(f"{name} of case {index} failed")
+
+    def read_case(record, transform, options):
+        index = cases.index(record)
+        stage("read", index)
+        return SimpleNamespace(record=record, index=index)
+
+    def infer_case(case, model, options):
+        stage("infer", case.index)
+        return case.index
+
+    def write_case(case, probs, transform, spec, options):
+        stage("write", case.index)
+        return {"case": case.record["case"], "prediction": probs}
+
+    for fn in (read_case, infer_case, write_case):
+        monkeypatch.setattr(f"medseg.predict.{fn.__name__}", fn)
+
+
+def test_prefetch_must_be_a_whole_number_from_zero(tmp_path, caplog):
+    assert run_main(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}", "prefetch=-1") == 1
+    assert "expected prefetch to be a whole number >= 0" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_prefetch_0_runs_each_case_start_to_end_in_the_calling_thread(monkeypatch, tmp_path):
+    cases = fake_cases(tmp_path / "in", 3)
+    calls = []
+    replace_stages(monkeypatch, cases, lambda stage, index: calls.append((stage, index, threading.current_thread())))
+    results = list(predict_cases(cases, None, None, None, None, prefetch=0))
+    assert results == [{"case": f"C{i}", "prediction": i} for i in range(3)]
+    assert calls == [(stage, i, threading.main_thread()) for i in range(3) for stage in ("read", "infer", "write")]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cases_are_read_and_written_while_another_case_is_inferred(monkeypatch, tmp_path, prefetch):
+    """Stand-in stages that return only once the stage they should run beside has begun: the next case's
+    reading while a case is inferred, the next case's inference while a case is written. One stage after
+    another they would wait in vain and fail."""
+    n_cases = 5
+    cases = fake_cases(tmp_path / "in", n_cases)
+    overlaps = {"infer": "read", "write": "infer"}  # stage of case i -> stage of case i + 1 begun meanwhile
+    begun = {(stage, i): threading.Event() for stage in ("read", "infer", "write") for i in range(n_cases)}
+    threads = {}
+
+    def before(stage: str, index: int) -> None:
+        threads[stage, index] = threading.current_thread().name
+        begun[stage, index].set()
+        if stage in overlaps and index + 1 < n_cases and not begun[overlaps[stage], index + 1].wait(OVERLAP_WAIT_S):
+            raise TimeoutError(f"case {index + 1}: {overlaps[stage]} did not begin during the {stage} of case {index}")
+
+    replace_stages(monkeypatch, cases, before)
+    results = list(predict_cases(cases, None, None, None, None, prefetch))
+    assert results == [{"case": f"C{i}", "prediction": i} for i in range(n_cases)]
+    for i in range(n_cases):
+        assert threads["infer", i] == threading.main_thread().name
+        assert threads["read", i].startswith("medseg-read") and threads["write", i].startswith("medseg-write")
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_a_case_failing_in_any_stage_is_reported_in_its_place_and_the_others_complete(monkeypatch, tmp_path, prefetch):
+    cases = fake_cases(tmp_path / "in", 6)
+    failing = {1: "read", 2: "infer", 3: "write"}
+    replace_stages(monkeypatch, cases, fail={(stage, i) for i, stage in failing.items()})
+    results = list(predict_cases(cases, None, None, None, None, prefetch))
+    assert [r["case"] for r in results] == [c["case"] for c in cases]
+    for i, stage in failing.items():
+        assert results[i] == {"case": f"C{i}", "error": f"RuntimeError: {stage} of case {i} failed", "image": cases[i]["image"]}
+    assert [results[i]["prediction"] for i in (0, 4, 5)] == [0, 4, 5]
+
+
+def test_pipelined_prediction_writes_what_one_case_after_another_writes(brats_tree, demo_checkpoint, tmp_path):
+    names = [f"SYN-000{i}" for i in range(6)]
+    runs = {prefetch: predict(predict_config(demo_checkpoint, brats_tree, tmp_path / f"prefetch{prefetch}", f"prefetch={prefetch}", "save_probabilities=true")) for prefetch in (0, 1, 2)}
+
+    def comparable(result: dict) -> dict:  # the paths differ by output folder; the seconds by run
+        return {**{k: v for k, v in result.items() if k != "seconds"}, "prediction": Path(result["prediction"]).name, "probabilities": Path(result["probabilities"]).name}
+
+    sequential = runs[0]
+    assert [r["case"] for r in sequential] == names and not any("error" in r for r in sequential)
+    labels = [load(r["prediction"])[0] for r in sequential]
+    assert len(np.unique(np.concatenate([x.ravel() for x in labels]))) > 1  # not a comparison of empty volumes
+    for prefetch in (1, 2):
+        assert [comparable(r) for r in runs[prefetch]] == [comparable(r) for r in sequential]
+        for ref, result in zip(sequential, runs[prefetch]):
+            for key in ("prediction", "probabilities"):
+                (data, affine), (ref_data, ref_affine) = load(result[key]), load(ref[key])
+                np.testing.assert_array_equal(data, ref_data)
+                np.testing.assert_array_equal(affine, ref_affine)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_broken_case_in_the_middle_of_a_pipelined_folder_is_reported_and_the_cases_after_it_are_predicted(brats_tree, demo_checkpoint, tmp_path, prefetch):
+    root = tmp_path / "input"
+    names = [f"SYN-000{i}" for i in range(5)]
+    for case in names:
+        shutil.copytree(brats_tree / case, root / case)
+    broken = root / "SYN-0002" / "SYN-0002_t1.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:2000])  # truncated gzip
+    out = tmp_path / "out"
+    assert run_main(f"ckpt_path={demo_checkpoint}", f"input={root}", f"output={out}", f"prefetch={prefetch}") == 1
+    summary = json.loads((out / "predictions.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == names and summary["failed"] == 1
+    assert summary["cases"][2]["error"].startswith(str(broken)) and "\n" not in summary["cases"][2]["error"]
+    predicted = [f"{case}.nii.gz" for case in names if case != "SYN-0002"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*predicted, "predictions.json"])  # no temporary files left
+    assert all(load(out / name)[0].shape == (48, 48, 32) for name in predicted)

@@ -1,7 +1,7 @@
 """Whole-volume inference: ``medseg.predict`` against MONAI's ``sliding_window_inference`` called directly
 with the same network and window settings (``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``).
 
-The case is generated in the BraTS layout at BraTS size (4x240x240x155 at 1 mm); the network is the
+The cases are generated in the BraTS layout at BraTS size (4x240x240x155 at 1 mm); the network is the
 config's with random weights. The network's time does not depend on them; the labels stage of a case does:
 random weights mark most of the brain box as foreground (a trained network a few percent), so that stage
 is an upper bound. On a CPU the full run uses the demo
@@ -13,6 +13,11 @@ GPU the BraTS experiment as configured.
 - per case: :func:`medseg.predict.predict_case` (read the NIfTI files, preprocess, infer, map back to the
   input's grid, labels, write the NIfTI file) vs the same MONAI call on the resident tensor: what a case
   costs a user against the network's share of it. A breakdown per stage is in ``details``.
+- folder: :func:`medseg.predict.predict_cases` (what ``medseg.predict`` runs on a folder: the next cases
+  read and the previous ones written by worker threads beside the sliding window, ``prefetch`` of
+  ``conf/predict.yaml``) on a folder of generated cases vs the MONAI call on each case's resident tensor,
+  both per case: what a case of a folder costs once the pipeline is full, plus the first case's reading and
+  the last one's writing, spread over the folder.
 - command line (full mode only, one run): ``python -m medseg.predict`` on the case in a subprocess,
   against ``predict_case``: interpreter start, imports, checkpoint loading.
 
@@ -40,15 +45,17 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
-from medseg.bench.timing import clock, peak_memory, peak_rss_growth, time_alternating
+from medseg.bench.timing import Timing, clock, peak_memory, peak_rss_growth, time_alternating
 from medseg.bench.workload import BenchOptions, compose_config, patch_override, synthetic_dataset
+from medseg.config import compose
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.module import SegmentationModule
-from medseg.predict import PredictOptions, find_input_cases, infer_probabilities, predict_case, segment, to_original_geometry, write_nifti_atomic
+from medseg.predict import PredictOptions, find_input_cases, infer_probabilities, predict_case, predict_cases, segment, to_original_geometry, write_nifti_atomic
 from medseg.train import build_model
 
 NAME = "inference"
 GOAL = Goal("<=", 1.05)  # issue 8: medseg.predict within 5% of calling MONAI directly
+FOLDER_GOAL = Goal("<=", 1.2)  # a folder's cases cost little more than their sliding windows
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,9 @@ SETTINGS = {
 }
 REPEATS = {"quick": 2, "cpu": 3, "gpu": 5}
 WARMUP = {"quick": 1, "cpu": 1, "gpu": 2}
+# Cases generated for the folder figure (the other figures use the first). The first case's reading and the
+# last one's writing overlap no inference: (read + write) / cases per case on top of the steady state.
+FOLDER_CASES = {"quick": 2, "cpu": 6, "gpu": 8}
 
 
 def monai_probabilities(net: nn.Module, image: Tensor, inferer: Mapping[str, Any], mode: str) -> Tensor:
@@ -139,22 +149,31 @@ def command_line_seconds(model: SegmentationModule, case_dir: Path, options: Ben
     return seconds
 
 
+def per_case(timing: Timing, n_cases: int) -> Timing:
+    """The times of runs over ``n_cases`` cases, per case."""
+    return Timing(tuple(t / n_cases for t in timing.times_s))
+
+
 def run(options: BenchOptions) -> BenchResult:
-    """medseg's inference and per-case prediction against MONAI's sliding window called directly."""
+    """medseg's inference and prediction (of one case, of a folder) against MONAI's sliding window called directly."""
     s = SETTINGS[options.tier]
     warmup, repeats, device = WARMUP[options.tier], options.repeats_or(REPEATS[options.tier]), options.device
-    root, generate_s = synthetic_dataset(options, 1, s.shape, s.spacing)
+    n_cases = FOLDER_CASES[options.tier]
+    root, generate_s = synthetic_dataset(options, n_cases, s.shape, s.spacing)
     cfg = compose_config(s.experiment, options, [patch_override(s.window)] if s.window else [], data_root=root)
     torch.manual_seed(0)
     model = build_model(cfg).eval().to(device)
     transform = prediction_transform(cfg, model)
     case_dir = root / "SYN-0000"
-    record = find_input_cases(str(case_dir), list(cfg.data.modalities)).cases[0]
+    records = find_input_cases(str(root), list(cfg.data.modalities)).cases
+    record = records[0]
     output = options.work_dir / "predictions"
     output.mkdir(parents=True, exist_ok=True)
     predict_options = PredictOptions(output=output, device=device, in_channels=int(cfg.data.in_channels))
-    image = transform({IMAGE: list(record["image"])})[IMAGE].as_tensor().to(device)  # (C_in, H, W, D)
+    images = [transform({IMAGE: list(r["image"])})[IMAGE].as_tensor().to(device) for r in records]  # (C_in, H, W, D) each
+    image = images[0]
     inferer = dict(model.inferer)
+    prefetch = int(compose("predict").prefetch)  # what medseg.predict does by default
 
     def medseg_fn() -> Tensor:
         return infer_probabilities(model, image)
@@ -165,14 +184,26 @@ def run(options: BenchOptions) -> BenchResult:
     def case_fn() -> dict[str, Any]:
         return predict_case(record, model, transform, model.label_spec, predict_options)
 
+    def folder_fn() -> None:
+        failed = [r for r in predict_cases(records, model, transform, model.label_spec, predict_options, prefetch) if "error" in r]
+        if failed:
+            raise RuntimeError(f"expected every generated case to be predicted, got {failed}")
+
+    def monai_folder_fn() -> None:
+        for each in images:
+            monai_probabilities(model.net, each, inferer, model.mode)
+
     max_difference = float((medseg_fn() - monai_fn()).abs().max())  # the two compute the same thing
     core = time_alternating({"medseg": medseg_fn, "monai": monai_fn}, device, repeats, warmup)
     core_monai = Contender.from_timing("MONAI sliding_window_inference", core["monai"], peak_memory(monai_fn, device))
     core_medseg = Contender.from_timing("medseg infer_probabilities", core["medseg"], peak_memory(medseg_fn, device))
-    per_case = time_alternating({"case": case_fn, "monai": monai_fn}, device, repeats, warmup)
+    one_case = time_alternating({"case": case_fn, "monai": monai_fn}, device, repeats, warmup)
     case_peak = peak_memory(case_fn, device)
     case_rss = peak_rss_growth(case_fn)
     stages = stage_seconds(record, model, transform, predict_options)
+    # No warm-up: the network, the allocator and the files' pages are warm from the figures above.
+    folder = time_alternating({"folder": folder_fn, "monai": monai_folder_fn}, device, repeats, warmup=0)
+    folder_case, folder_monai = per_case(folder["folder"], n_cases), per_case(folder["monai"], n_cases)
 
     net = f"{s.experiment} network, window {inferer['roi_size'][0]}^3, overlap {inferer['overlap']}, {inferer['mode']}"
     preprocessed = "x".join(map(str, image.shape))
@@ -180,13 +211,21 @@ def run(options: BenchOptions) -> BenchResult:
     rss_note = f"; process RSS +{case_rss / 2**20:.0f} MiB" if case_rss is not None else ""
     figures = [
         Figure.compare(NAME, f"inference, {net}, preprocessed {preprocessed}", core_medseg, core_monai, GOAL, f"same tensor on the device; max |difference| {max_difference:.1e}"),
-        Figure.compare(NAME, f"per case, {'x'.join(map(str, s.shape))} NIfTI in -> labels out", Contender.from_timing("medseg predict_case", per_case["case"], case_peak), Contender.from_timing("MONAI sliding_window_inference", per_case["monai"]), GOAL, f"stages: {stage_note}{rss_note}"),
+        Figure.compare(NAME, f"per case, {'x'.join(map(str, s.shape))} NIfTI in -> labels out", Contender.from_timing("medseg predict_case", one_case["case"], case_peak), Contender.from_timing("MONAI sliding_window_inference", one_case["monai"]), GOAL, f"stages: {stage_note}{rss_note}"),
+        Figure.compare(
+            NAME,
+            f"folder of {n_cases} cases, per case",
+            Contender.from_timing(f"medseg predict_cases, prefetch {prefetch}", folder_case),
+            Contender.from_timing("MONAI sliding_window_inference", folder_monai),
+            FOLDER_GOAL,
+            f"reading and writing in worker threads beside the sliding window (not the first case's reading nor the last one's writing); one case after another (predict_case): {one_case['case'].median_s:.2f} s",
+        ),
     ]
     cli_s = command_line_seconds(model, case_dir, options) if s.command_line else None
     if cli_s is not None:
-        figures.append(Figure.compare(NAME, "command line, one case (one run)", Contender("python -m medseg.predict", cli_s, "s"), Contender("predict_case", per_case["case"].median_s, "s"), None, "interpreter start, imports, checkpoint loading"))
+        figures.append(Figure.compare(NAME, "command line, one case (one run)", Contender("python -m medseg.predict", cli_s, "s"), Contender("predict_case", one_case["case"].median_s, "s"), None, "interpreter start, imports, checkpoint loading"))
     return BenchResult(
         figures,
-        settings={**asdict(s), "inferer": inferer, "preprocessed_shape": list(image.shape), "warmup": warmup, "repeats": repeats},
+        settings={**asdict(s), "inferer": inferer, "preprocessed_shape": list(image.shape), "warmup": warmup, "repeats": repeats, "folder_cases": n_cases, "prefetch": prefetch},
         details={"generate_s": generate_s, "max_abs_difference": max_difference, "stages_s": stages, "case_rss_growth_bytes": case_rss, "command_line_s": cli_s},
     )
