@@ -441,31 +441,42 @@ def predict_cases(cases: Sequence[CaseRecord], model: SegmentationModule, transf
     # release the GIL, so threads overlap the sliding window as processes would. They also share the
     # preprocessed MetaTensor, applied_operations included, as it is: no pickling of whole volumes, no
     # worker start-up, no fork after CUDA or OpenMP started, and a case's exception keeps the chain its
-    # error message is taken from. MONAI's deterministic transforms are safe to call from several threads
-    # (its CacheDataset does so).
+    # error message is taken from. Each case is read and inverted by its own copy of the transforms (the
+    # inverse must be the instance that was applied): shared MONAI transform instances once raced under
+    # threads (a cached 4-channel image came out with 1 channel).
     reader, writer = (ThreadPoolExecutor(prefetch, thread_name_prefix=f"medseg-{role}") if prefetch else _InlineExecutor() for role in ("read", "write"))
+    transforms: dict[int, Compose] = {}  # case index -> its transforms, while it is in flight
+
+    def read(index: int) -> PreparedCase:
+        transforms[index] = deepcopy(transform) if prefetch else transform
+        return read_case(cases[index], transforms[index], options)
+
+    def write(index: int, case: PreparedCase, probs: Tensor) -> dict[str, Any]:
+        return write_case(case, probs, transforms.pop(index), spec, options)
+
     reads: deque[tuple[CaseRecord, Future]] = deque()  # read ahead, oldest first
     writes: deque[tuple[CaseRecord, Future]] = deque()  # inferred (or failed), oldest first
 
     def read_ahead(index: int) -> None:
         if index < len(cases):
-            reads.append((cases[index], reader.submit(read_case, cases[index], transform, options)))
+            reads.append((cases[index], reader.submit(read, index)))
 
     try:
         for index in range(prefetch):
             read_ahead(index)
         for index in range(len(cases)):
             read_ahead(index + prefetch)
-            record, read = reads.popleft()
+            record, pending = reads.popleft()
             try:
-                case = read.result()
+                case = pending.result()
                 probs = infer_case(case, model, options)  # (C_out, H, W, D)
             except Exception as err:  # reported in the input's order, after the cases before it
+                transforms.pop(index, None)
                 failed: Future = Future()
                 failed.set_exception(err)
                 writes.append((record, failed))
             else:
-                writes.append((record, writer.submit(write_case, case, probs, transform, spec, options)))
+                writes.append((record, writer.submit(write, index, case, probs)))
             while len(writes) > prefetch:
                 yield _outcome(*writes.popleft())
         while writes:
