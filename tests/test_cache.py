@@ -276,3 +276,34 @@ def test_bad_cache_options_are_named(brats_tree, tmp_path):
         make_datamodule(brats_tree, tmp_path, preprocess_workers=-1)
     with pytest.raises(ValueError, match=r"data.sampling.connectivity"):
         make_datamodule(brats_tree, tmp_path, sampling={"connectivity": 4})
+
+
+@pytest.mark.slow
+def test_training_memory_does_not_grow_with_the_number_of_cases(tmp_path_factory, tmp_path):
+    from medseg.bench.cache import run_training, training_overrides
+    from medseg.data.synthetic import generate_dataset
+
+    sizes, steps = (4, 16), 8  # 8 steps of 2 cases: every case of the larger dataset is read
+    roots = {}
+    for n in sizes:
+        roots[n] = tmp_path_factory.mktemp(f"brats{n}")
+        generate_dataset(roots[n], n, shape=(96, 96, 64), spacing=(2.0, 2.0, 2.4), seed=5)
+    cache_dir = tmp_path / "cache"
+    stored = {}
+    for n in sizes:  # built here, so that the training runs below start from a warm cache
+        dm = make_datamodule(roots[n], cache_dir)
+        dm.prepare_cache(progress=False)
+        stored[n] = sum((dm.case_cache.entry(str(r["case"])) / f).stat().st_size for r in dm.find_cases() for f in ("image.npy", "label.npy"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def peak(n: int, *extra: str) -> int:
+        run = run_training(training_overrides(roots[n], tmp_path / f"run{n}-{len(extra)}", cache_dir, 32, steps, *extra), tmp_path, env)
+        assert run.first_step_s is not None and len(run.peak_bytes) == 1  # one process (num_workers=0)
+        return max(run.python_peaks)
+
+    disk_small, disk_large = peak(4), peak(16)
+    extra_bytes = stored[16] - stored[4]  # what 12 more cases would cost held in memory (~60 MB)
+    assert disk_large - disk_small < 0.2 * extra_bytes, (disk_small, disk_large, extra_bytes)
+    # The same measurement sees the cases when they are held in memory: the bound above can fail.
+    memory_large = peak(16, "data.cache=memory")
+    assert memory_large - disk_large > 0.5 * stored[16], (memory_large, disk_large, stored[16])

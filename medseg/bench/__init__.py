@@ -8,6 +8,10 @@ absolute times are context only), printed as a table and written as JSON (layout
   hand-written PyTorch loop. Goal <= 1.05.
 - ``data`` (:mod:`~medseg.bench.data_pipeline`): patches/s of the training DataLoader over generated NIfTI
   cases vs patches/s of the training step. Goal >= 1.
+- ``cache`` (:mod:`~medseg.bench.cache`): the preprocessing cache at 6, 12 and 24 BraTS-size cases: peak
+  memory per training process (MB per case, projection for BraTS 2021), time to the first step (cold and
+  warm), patches/s from the disk cache vs in memory vs MONAI ``PersistentDataset``, build rate with 1 and 2
+  worker processes, ``.npy`` vs blosc2. Goals: <= 5 MB/case, disk >= 0.8x memory.
 - ``inference`` (:mod:`~medseg.bench.inference`): ``medseg.predict`` vs MONAI ``sliding_window_inference``
   on a 4x240x240x155 case; seconds per case, peak memory. Goal <= 1.05.
 - ``loss`` (:mod:`~medseg.bench.loss`): ``FocalDiceLoss`` vs MONAI ``DiceFocalLoss``, forward + backward.
@@ -25,6 +29,7 @@ from __future__ import annotations
 BENCHMARKS = {
     "train_step": "medseg.bench.train_step",
     "data": "medseg.bench.data_pipeline",
+    "cache": "medseg.bench.cache",
     "inference": "medseg.bench.inference",
     "loss": "medseg.bench.loss",
     "lesion": "medseg.bench.lesion",

@@ -106,7 +106,7 @@ def run(options: BenchOptions) -> BenchResult:
     datamodule.setup("fit")
 
     start = time.perf_counter()
-    datamodule.train_dataset()  # builds the preprocessing cache: every training case read and preprocessed
+    datamodule.train_dataset()  # builds the preprocessing cache (cold: the run's own cache folder)
     cache_s = time.perf_counter() - start
     loader = datamodule.train_dataloader()
     first = time_epochs(loader, datamodule, options.device, 1)  # one epoch, workers starting
@@ -138,6 +138,6 @@ def run(options: BenchOptions) -> BenchResult:
     ]
     return BenchResult(
         figures,
-        settings={**asdict(s), "num_workers": workers, "batch_size": int(cfg.data.batch_size), "samples_per_volume": int(cfg.data.samples_per_volume), "cache_rate": float(cfg.data.cache_rate), "train_cases": len(datamodule.train_cases), "warmup": warmup, "repeats": repeats},
+        settings={**asdict(s), "num_workers": workers, "batch_size": int(cfg.data.batch_size), "samples_per_volume": int(cfg.data.samples_per_volume), "cache": str(cfg.data.cache), "train_cases": len(datamodule.train_cases), "warmup": warmup, "repeats": repeats},
         details={"generate_s": generate_s, "cache_s": cache_s, "first_epoch": asdict(first), "steady": asdict(steady), "fed": asdict(fed), "step_s": list(timing.times_s), "patches_per_step": patches_per_step},
     )

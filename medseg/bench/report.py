@@ -19,7 +19,8 @@ JSON layout (``python -m medseg.bench --out FILE``)::
 A figure::
 
     {"benchmark", "name",
-     "kind": "ratio" (value = A / B) or "exponent" (value = k of a fit cost ~ voxels^k),
+     "kind": "ratio" (value = A / B), "exponent" (value = k of a fit cost ~ voxels^k) or "value" (a
+             quantity in a's unit, b null),
      "value", "ratio_min" (A / B of the minimum times, or null), "ratio_peak_memory" (or null),
      "a": <contender>, "b": <contender or null>,
      "goal": {"op": "<=" or ">=", "value"} or null, "meets_goal": true, false or null (no goal),
@@ -77,14 +78,15 @@ class Goal:
 
 @dataclass(frozen=True)
 class Figure:
-    """One row of the table: A against B (``kind="ratio"``) or a growth exponent (``kind="exponent"``)."""
+    """One row of the table: A against B (``kind="ratio"``), a growth exponent (``kind="exponent"``) or a
+    measured quantity in ``a``'s unit (``kind="value"``, e.g. a slope in MB per case)."""
 
     benchmark: str
     name: str
     value: float
     a: Contender | None = None
     b: Contender | None = None
-    kind: Literal["ratio", "exponent"] = "ratio"
+    kind: Literal["ratio", "exponent", "value"] = "ratio"
     ratio_min: float | None = None
     ratio_peak_memory: float | None = None
     goal: Goal | None = None
@@ -184,6 +186,8 @@ def _contender_cell(c: Contender | None) -> str:
 def _value_cell(f: Figure) -> str:
     if f.kind == "exponent":
         return f"k = {f.value:.2f}"
+    if f.kind == "value":
+        return format_quantity(f.value, f.a.unit if f.a else "")
     parts = [f"{f.value:.3f}"]
     if f.ratio_min is not None:
         parts.append(f"min {f.ratio_min:.3f}")
@@ -222,6 +226,10 @@ def markdown_rows(env: Mapping[str, Any], results: Mapping[str, BenchResult]) ->
         for f in result.figures:
             if f.kind == "exponent":
                 rows.append(f"| {f.benchmark}: {f.name} | k = {f.value:.2f} | {where} |")
+                continue
+            if f.kind == "value":
+                goal = f" (goal {f.goal.op} {f.goal.value:g})" if f.goal else ""
+                rows.append(f"| {f.benchmark}: {f.name} | {format_quantity(f.value, f.a.unit if f.a else '')}{goal} | {f.note}; {where} |")
                 continue
             ratio = f"{f.value:.2f}" + (f", peak memory {f.ratio_peak_memory:.2f}" if f.ratio_peak_memory is not None else "")
             goal = f" (goal {f.goal.op} {f.goal.value:g})" if f.goal else ""

@@ -62,7 +62,7 @@ def compose_config(experiment: str, options: BenchOptions, overrides: Sequence[s
     On CUDA the ``trainer=gpu`` group is selected (bf16 mixed precision), as a GPU user would.
     """
     root = data_root if data_root is not None else options.work_dir / "no-data"
-    base = [f"+experiment={experiment}", f"paths.output_dir={options.work_dir / 'run'}", f"data.root={root}", "data.synthetic=null"]
+    base = [f"+experiment={experiment}", f"paths.output_dir={options.work_dir / 'run'}", f"paths.cache_dir={options.work_dir / 'preprocessed'}", f"data.root={root}", "data.synthetic=null"]
     return compose("train", [*base, *(["trainer=gpu"] if options.device.type == "cuda" else []), *overrides])
 
 

@@ -135,7 +135,8 @@ class BuildSummary:
     size_bytes: int = 0
 
     def format(self) -> str:
-        return f"{self.built} built, {self.rebuilt} rebuilt (damaged), {self.reused} reused in {self.seconds:.1f} s; {self.size_bytes / 2**30:.2f} GiB on disk"
+        size = f"{self.size_bytes / 2**30:.2f} GiB" if self.size_bytes >= 2**30 else f"{self.size_bytes / 2**20:.1f} MiB"
+        return f"{self.built} built, {self.rebuilt} rebuilt (damaged), {self.reused} reused in {self.seconds:.1f} s; {size} on disk"
 
 
 def file_identity(path: str | Path) -> list[Any]:

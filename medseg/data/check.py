@@ -52,7 +52,7 @@ MAX_LISTED = 20  # problems quoted in the error that stops training; the check c
 _MAX_VALUES = 64
 _BINCOUNT_LIMIT = 1 << 16  # integer labels in [0, limit) are counted (fast) rather than sorted
 # The check composes conf/train.yaml like training, but must not create a run folder or a log file.
-_NO_RUN_FOLDER = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
+NO_RUN_FOLDER = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
 
 
 @dataclass(frozen=True)
@@ -486,7 +486,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m medseg.data.check +experiment=... data.root=...``: exit status 1 when the dataset has errors."""
-    sys.argv.extend(_NO_RUN_FOLDER)
+    sys.argv.extend(NO_RUN_FOLDER)
     _main()
 
 

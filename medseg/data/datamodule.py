@@ -205,6 +205,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self._train_dataset: Dataset | None = None
         self._val_dataset: Dataset | None = None
         self._store: CaseStore | None = None
+        self.cache_summary: BuildSummary | None = None  # what the last prepare_cache did
         self._prepared = False
 
     # Lightning calls prepare_data on one process per node: generate data here, never in setup.
@@ -237,7 +238,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.cache == "none":
             return None
         cache = self.case_cache
-        summary = cache.ensure(self.find_cases(), self.preprocessor, self.preprocess_workers, progress=progress)
+        summary = self.cache_summary = cache.ensure(self.find_cases(), self.preprocessor, self.preprocess_workers, progress=progress)
         if summary.built or summary.rebuilt:
             rank_zero_info(f"Preprocessing cache {cache.folder}: {summary.format()}")
         return summary
