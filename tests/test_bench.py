@@ -99,6 +99,13 @@ def test_only_must_name_known_benchmarks(capsys):
 
 
 @pytest.mark.slow
+def test_fit_slope_recovers_a_line():
+    from medseg.bench.cache import fit_slope
+
+    slope, intercept = fit_slope([6, 12, 24], [1e9 + 3e5 * n for n in (6, 12, 24)])
+    assert slope == pytest.approx(3e5) and intercept == pytest.approx(1e9)
+
+
 def test_quick_suite_writes_every_benchmark_as_valid_json(tmp_path):
     out = tmp_path / "bench.json"
     status = main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
@@ -113,8 +120,12 @@ def test_quick_suite_writes_every_benchmark_as_valid_json(tmp_path):
         assert bench["figures"], f"{name}: no figures"
         for figure in bench["figures"]:
             assert set(figure) == FIGURE_KEYS and figure["benchmark"] == name
-            assert figure["kind"] in ("ratio", "exponent")
-            assert math.isfinite(figure["value"]) and figure["value"] > 0, figure
+            assert figure["kind"] in ("ratio", "exponent", "value")
+            assert math.isfinite(figure["value"]), figure
+            if figure["kind"] == "value":  # a measured quantity (a slope may be negative: noise around 0)
+                assert figure["b"] is None and figure["value"] == figure["a"]["value"]
+            else:
+                assert figure["value"] > 0, figure
             if figure["kind"] == "ratio":
                 for side in ("a", "b"):
                     assert set(figure[side]) == CONTENDER_KEYS and figure[side]["value"] > 0
