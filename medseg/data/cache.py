@@ -226,13 +226,13 @@ class CaseCache:
         """
         start = time.perf_counter()
         summary = BuildSummary()
-        if multiprocessing.parent_process() is not None and multiprocessing.current_process().name.startswith("SpawnProcess"):
-            # A script without an ``if __name__ == "__main__":`` guard re-runs itself in each spawned worker,
-            # which would then wait forever on the lock its parent holds.
-            raise RuntimeError("the preprocessing cache was asked to build from inside a spawned worker process; guard the script's entry point with if __name__ == '__main__':")
         if not self.stale(records):
             summary.reused = len(records)
         else:
+            if multiprocessing.parent_process() is not None and multiprocessing.current_process().name.startswith("SpawnProcess"):
+                # A script without an ``if __name__ == "__main__":`` guard re-runs itself in each spawned
+                # worker, which would then wait forever on the lock its parent holds.
+                raise RuntimeError(f"the preprocessing cache {self.folder} was asked to build from inside a spawned process; build it in the main process first (python -m medseg.data.preprocess), and guard a script's entry point with if __name__ == '__main__':")
             self.folder.mkdir(parents=True, exist_ok=True)
             with self._lock():
                 self._remove_leftovers()
