@@ -34,8 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
 from medseg.bench.timing import time_alternating
@@ -173,22 +175,16 @@ def run_training(overrides: Sequence[str], cwd: Path, env: dict[str, str] | None
     return result
 
 
-class FirstStep:
+class FirstStep(Callback):
     """Lightning callback: write the wall-clock time of the first training step (global rank 0) to ``path``."""
 
-    def __new__(cls, path: str):  # a Callback subclass built lazily, so importing this module stays light
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, path: str) -> None:
+        self.path, self.done = Path(path), False
 
-        class _FirstStep(Callback):
-            def __init__(self, target: str) -> None:
-                self.target, self.done = Path(target), False
-
-            def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-                if not self.done and trainer.is_global_zero:
-                    self.target.write_text(repr(time.time()))
-                self.done = True
-
-        return _FirstStep(path)
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self.done and trainer.is_global_zero:
+            self.path.write_text(repr(time.time()))
+        self.done = True
 
 
 def training_overrides(root: Path, run_dir: Path, cache_dir: Path, patch: int, steps: int, *extra: str) -> list[str]:
