@@ -186,15 +186,18 @@ def test_damaged_entries_are_detected_and_rebuilt(brats_tree, tmp_path, caplog):
     label = cache.entry("SYN-0004") / "label.npy"
     np.save(label, np.zeros((3, 2, 2, 2), dtype=np.uint8))  # a file of another shape
     (cache.entry("SYN-0005") / "meta.json").unlink()  # a folder without its commit record
+    meta = json.loads((cache.entry("SYN-0003") / "meta.json").read_text())
+    (cache.entry("SYN-0003") / "meta.json").write_text(json.dumps({**meta, "files": {"image.npy": {}}}))  # a malformed record
     problems = {str(r["case"]): cache.problem(r) for r in records}
     assert problems["SYN-0001"].startswith("damaged: image.npy has")
     assert problems["SYN-0004"].startswith("damaged: label.npy")
     assert problems["SYN-0005"] == "damaged: meta.json is missing"
-    assert [c for c, p in problems.items() if p is None] == ["SYN-0000", "SYN-0002", "SYN-0003"]
+    assert problems["SYN-0003"] == "damaged: meta.json lacks the file records"
+    assert [c for c, p in problems.items() if p is None] == ["SYN-0000", "SYN-0002"]
     with caplog.at_level(logging.WARNING, logger="medseg"):
         summary = dm.prepare_cache(progress=False)
-    assert (summary.built, summary.rebuilt, summary.reused) == (0, 3, 3)
-    assert sum("rebuilding" in r.getMessage() for r in caplog.records) == 3
+    assert (summary.built, summary.rebuilt, summary.reused) == (0, 4, 2)
+    assert sum("rebuilding" in r.getMessage() for r in caplog.records) == 4
     for case, expected in reference.items():
         assert_same_case(cache.load(case), expected)
 

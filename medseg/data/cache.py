@@ -200,14 +200,20 @@ class CaseCache:
                 return "source changed"
         except OSError as err:
             return f"source unreadable ({err})"
-        for name, expected in meta["files"].items():
+        try:
+            files = {name: (int(f["bytes"]), tuple(f.get("shape", ())), f.get("dtype")) for name, f in meta["files"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return "damaged: meta.json lacks the file records"
+        if set(files) != {*ARRAY_FILES, INDEX_FILE}:
+            return f"damaged: meta.json records {sorted(files)}"
+        for name, (size, shape, dtype) in files.items():
             path = entry / name
             if not path.is_file():
                 return f"damaged: {name} is missing"
-            if path.stat().st_size != expected["bytes"]:
-                return f"damaged: {name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-            if name.endswith(".npy") and _npy_header(path) != (tuple(expected["shape"]), expected["dtype"]):
-                return f"damaged: {name} holds {_npy_header(path)}, expected {(tuple(expected['shape']), expected['dtype'])}"
+            if path.stat().st_size != size:
+                return f"damaged: {name} has {path.stat().st_size} bytes, expected {size}"
+            if name.endswith(".npy") and _npy_header(path) != (shape, dtype):
+                return f"damaged: {name} holds {_npy_header(path)}, expected {(shape, dtype)}"
         return None
 
     def stale(self, records: Sequence[CaseRecord]) -> list[tuple[CaseRecord, str]]:
