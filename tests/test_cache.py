@@ -310,3 +310,61 @@ def test_training_memory_does_not_grow_with_the_number_of_cases(tmp_path_factory
     # The same measurement sees the cases when they are held in memory: the bound above can fail.
     memory_large = peak(16, "data.cache=memory")
     assert memory_large - disk_large > 0.5 * stored[16], (memory_large, disk_large, stored[16])
+
+
+def _huge_and_tiny_lesions() -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """One confluent 20x20x20 lesion and 10 tiny 2x2x2 lesions, far apart, in a 96x96x96 target."""
+    target = np.zeros((1, 96, 96, 96), dtype=np.uint8)
+    target[0, 10:30, 10:30, 10:30] = 1
+    tiny = [tuple(slice(c, c + 2) for c in (50 + 4 * (i % 5), 60 + 20 * (i // 5), 80)) for i in range(10)]
+    for box in tiny:
+        target[(0, *box)] = 1
+    return target, tiny
+
+
+@pytest.mark.parametrize(("sampling", "weighting"), [("lesion", "uniform"), ("lesion", "inverse_size")])
+def test_lesion_sampling_shows_each_tiny_lesion_as_often_as_specified(sampling, weighting):
+    from medseg.data.sampling import PatchSampler
+
+    target, tiny = _huge_and_tiny_lesions()
+    index = build_sampling_index(target, "sigmoid", ["lesion"])
+    draws, patch = 4000, np.array((16, 16, 16))
+
+    def coverage(sampler: PatchSampler) -> np.ndarray:
+        """Fraction of patches containing each tiny lesion (centre voxel of the lesion inside the patch)."""
+        sampler.set_random_state(0)
+        starts = np.array(sampler.starts(target.shape[1:], index, draws))  # (draws, 3)
+        centres = np.array([[b.start for b in box] for box in tiny])  # (10, 3)
+        inside = ((starts[:, None] <= centres[None]) & (centres[None] < starts[:, None] + patch)).all(-1)  # (draws, 10)
+        return inside.mean(0)
+
+    fg = 0.6
+    voxel = coverage(PatchSampler(patch, ["lesion"], fg, "voxel"))
+    lesion = coverage(PatchSampler(patch, ["lesion"], fg, sampling, lesion_fraction=1.0, lesion_weighting=weighting))
+    mixed = coverage(PatchSampler(patch, ["lesion"], fg, sampling, lesion_fraction=0.5, lesion_weighting=weighting))
+    # Expected share of patches on each tiny lesion: fg / 11 lesions (uniform), fg * (1/8) / (10/8 + 1/8000)
+    # (inverse size); neighbouring tiny lesions 4 voxels apart also fall into each other's patches, so only a
+    # lower bound is asserted (3 sigma of a binomial below the expectation).
+    expected = fg / 11 if weighting == "uniform" else fg * (1 / 8) / (10 / 8 + 1 / 8000)
+    bound = expected - 3 * np.sqrt(expected * (1 - expected) / draws)
+    assert (lesion >= bound).all(), (lesion, bound)
+    assert (mixed >= 0.5 * bound).all() and mixed.mean() < lesion.mean()  # the mixing weight takes effect
+    # Voxel sampling: the 8000-voxel lesion takes almost every foreground patch (80 tiny voxels of 8080); the
+    # tiny lesions are then seen mostly by chance in background patches.
+    assert lesion.min() > 5 * voxel.max(), (lesion, voxel)
+
+
+def test_lesion_sampling_options_are_validated(brats_tree, tmp_path):
+    from medseg.data.sampling import PatchSampler
+
+    with pytest.raises(ValueError, match="data.augment.sampling"):
+        PatchSampler((8, 8, 8), ["a"], sampling="blob")
+    with pytest.raises(ValueError, match="data.augment.lesion_weighting"):
+        PatchSampler((8, 8, 8), ["a"], sampling="lesion", lesion_weighting="size")
+    with pytest.raises(ValueError, match="data.augment.lesion_fraction"):
+        PatchSampler((8, 8, 8), ["a"], sampling="lesion", lesion_fraction=1.5)
+    dm = make_datamodule(brats_tree, tmp_path, augment={"sampling": "lesion", "lesion_weighting": "inverse_size", "foreground_fraction": 1.0})
+    dm.setup("fit")
+    dataset = dm.train_dataset()
+    assert dataset.sampler.sampling == "lesion" and dataset.sampler.lesion_weighting == "inverse_size"
+    assert all(p[LABEL].sum() > 0 for i in range(len(dataset)) for p in dataset[i])

@@ -120,6 +120,10 @@ def read_patch(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> 
     return out
 
 
+SAMPLING_MODES = ("voxel", "lesion")
+LESION_WEIGHTINGS = ("uniform", "inverse_size")
+
+
 class PatchSampler(Randomizable):
     """Random patch positions for one case from its sampling index (see the module docstring).
 
@@ -128,17 +132,51 @@ class PatchSampler(Randomizable):
         names: the region names of the index.
         foreground_fraction: probability that a patch is centred on a region voxel. Small lesions are a
             tiny fraction of the volume; uniform positions would almost never show them to the network.
+        sampling: how a foreground centre is picked. ``"voxel"``: a random stored voxel of a region picked
+            uniformly among those present, so most centres land on the largest lesions. ``"lesion"``: with
+            probability ``lesion_fraction`` a connected component (lesion) is picked first, then one of its
+            stored voxels, so a tiny lesion is shown as often as a confluent one (the rest as ``"voxel"``).
+        lesion_fraction: with ``sampling="lesion"``, the share of foreground centres picked by lesion.
+        lesion_weighting: ``"uniform"`` (every lesion of the region alike) or ``"inverse_size"`` (weights
+            1 / voxel count: the smallest lesions most often).
     """
 
-    def __init__(self, patch_size: Sequence[int], names: Sequence[str], foreground_fraction: float = 0.67) -> None:
+    def __init__(
+        self,
+        patch_size: Sequence[int],
+        names: Sequence[str],
+        foreground_fraction: float = 0.67,
+        sampling: str = "voxel",
+        lesion_fraction: float = 1.0,
+        lesion_weighting: str = "uniform",
+    ) -> None:
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"expected data.augment.foreground_fraction in [0, 1], got {foreground_fraction}")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"expected data.augment.sampling one of {list(SAMPLING_MODES)}, got {sampling!r}")
+        if not 0.0 <= lesion_fraction <= 1.0:
+            raise ValueError(f"expected data.augment.lesion_fraction in [0, 1], got {lesion_fraction}")
+        if lesion_weighting not in LESION_WEIGHTINGS:
+            raise ValueError(f"expected data.augment.lesion_weighting one of {list(LESION_WEIGHTINGS)}, got {lesion_weighting!r}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.names = tuple(names)
         self.foreground_fraction = foreground_fraction
+        self.sampling = sampling
+        self.lesion_fraction = lesion_fraction
+        self.lesion_weighting = lesion_weighting
 
     def randomize(self, data: object = None) -> None:  # positions are drawn in starts()
         pass
+
+    def _lesion_centre(self, index: Mapping[str, np.ndarray], region: str) -> np.ndarray:
+        """A stored voxel of a lesion of ``region``, the lesion drawn by ``lesion_weighting``."""
+        voxels = index[f"component_voxels_{region}"]  # (m, k, 3)
+        if self.lesion_weighting == "uniform":
+            lesion = self.R.randint(len(voxels))
+        else:
+            weights = 1.0 / index[f"component_size_{region}"].astype(np.float64)
+            lesion = self.R.choice(len(voxels), p=weights / weights.sum())
+        return voxels[lesion, self.R.randint(voxels.shape[1])]
 
     def starts(self, shape: Sequence[int], index: Mapping[str, np.ndarray], count: int) -> list[tuple[int, int, int]]:
         """``count`` patch start voxels for a volume of spatial ``shape`` ``(H, W, D)``.
@@ -153,8 +191,12 @@ class PatchSampler(Randomizable):
         starts = []
         for _ in range(count):
             if present and self.R.rand() < self.foreground_fraction:
-                voxels = index[f"voxels_{present[self.R.randint(len(present))]}"]
-                centre = voxels[self.R.randint(len(voxels))]
+                region = present[self.R.randint(len(present))]
+                if self.sampling == "lesion" and len(index.get(f"component_voxels_{region}", ())) and self.R.rand() < self.lesion_fraction:
+                    centre = self._lesion_centre(index, region)
+                else:
+                    voxels = index[f"voxels_{region}"]
+                    centre = voxels[self.R.randint(len(voxels))]
                 start = np.clip(centre - patch // 2, 0, highest)
             else:
                 start = np.array([self.R.randint(h + 1) for h in highest])

@@ -117,8 +117,9 @@ def augmentation(
 
 def patches_from_config(patch_size: Sequence[int], labels: LabelSpec, augment: Mapping[str, Any]) -> tuple[PatchSampler, T.Compose]:
     """The patch sampler and the per-patch augmentation of the ``data.augment`` config node
-    (``foreground_fraction`` is the sampler's, the other keys :func:`augmentation`'s)."""
+    (``foreground_fraction``, ``sampling``, ``lesion_fraction`` and ``lesion_weighting`` are the sampler's,
+    the other keys :func:`augmentation`'s)."""
     options = dict(augment)
-    sampling = {key: options.pop(key) for key in ("foreground_fraction",) if key in options}
+    sampling = {key: options.pop(key) for key in ("foreground_fraction", "sampling", "lesion_fraction", "lesion_weighting") if key in options}
     sampler = PatchSampler(patch_size, labels.names, **sampling)
     return sampler, augmentation(**options)
