@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Tools that compose conf/train.yaml like training (data check, cache build) but make no run folder or log file.
+NO_RUN_FOLDER = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
+
+
+def run_without_run_folder(hydra_main: Callable[[], None]) -> None:
+    """Run a ``@hydra.main`` function composing the training config, without a run folder or log file."""
+    sys.argv.extend(NO_RUN_FOLDER)
+    hydra_main()
 
 
 class ConfigError(ValueError):

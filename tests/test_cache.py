@@ -368,3 +368,20 @@ def test_lesion_sampling_options_are_validated(brats_tree, tmp_path):
     dataset = dm.train_dataset()
     assert dataset.sampler.sampling == "lesion" and dataset.sampler.lesion_weighting == "inverse_size"
     assert all(p[LABEL].sum() > 0 for i in range(len(dataset)) for p in dataset[i])
+
+
+def test_preprocess_command_builds_the_cache_training_reuses(brats_tree, tmp_path):
+    from medseg.config import compose
+    from medseg.data.preprocess import preprocess
+
+    overrides = ["+experiment=demo", f"data.root={brats_tree}", "data.synthetic=null", f"paths.output_dir={tmp_path / 'run'}",
+                 f"paths.cache_dir={tmp_path / 'cache'}", f"data.check.cache_dir={tmp_path / 'checks'}"]  # fmt: skip
+    cfg = compose("train", overrides)
+    first = preprocess(cfg)
+    assert "6 cases; 6 built, 0 rebuilt (damaged), 0 reused" in first
+    dm = make_datamodule(brats_tree, tmp_path / "cache")  # training's data module finds the same, valid entries
+    assert first.startswith(str(dm.case_cache.folder)) and dm.case_cache.stale(dm.find_cases()) == []
+    assert "0 built, 0 rebuilt (damaged), 6 reused" in preprocess(cfg)
+    result = subprocess.run([sys.executable, "-m", "medseg.data.preprocess", "+experiment=brats"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1 and "data.root" in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()  # no run folder, no log file

@@ -36,7 +36,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from medseg.config import ConfigError, check_required, register_resolvers
+from medseg.config import ConfigError, check_required, register_resolvers, run_without_run_folder
 from medseg.data.labels import LabelSpec, label_values_problem
 from medseg.data.layouts import DATA_HELP, CaseRecord, DatasetError, scan_cases
 
@@ -51,8 +51,6 @@ MAX_LISTED = 20  # problems quoted in the error that stops training; the check c
 # them name the problem as well as all would.
 _MAX_VALUES = 64
 _BINCOUNT_LIMIT = 1 << 16  # integer labels in [0, limit) are counted (fast) rather than sorted
-# The check composes conf/train.yaml like training, but must not create a run folder or a log file.
-NO_RUN_FOLDER = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
 
 
 @dataclass(frozen=True)
@@ -486,8 +484,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m medseg.data.check +experiment=... data.root=...``: exit status 1 when the dataset has errors."""
-    sys.argv.extend(NO_RUN_FOLDER)
-    _main()
+    run_without_run_folder(_main)
 
 
 register_resolvers()

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from monai.data import DataLoader, MetaTensor
 from monai.data import DistributedSampler as MonaiDistributedSampler
@@ -309,7 +310,8 @@ class SegmentationDataModule(L.LightningDataModule):
         if self._train_dataset is None:
             sampler, augment = patches_from_config(self.patch_size, self.label_spec, self.augment)
             self._train_dataset = PatchDataset(self.train_cases, self.store(), sampler, augment, self.samples_per_volume)
-            self._train_dataset.set_random_state(self.seed)  # DataLoader workers reseed it from the torch seed
+            # From the run's seed (torch's, set by seed_everything); DataLoader workers reseed it per worker.
+            self._train_dataset.set_random_state(torch.initial_seed() % 2**31)
         return self._train_dataset
 
     def val_dataset(self) -> VolumeDataset:

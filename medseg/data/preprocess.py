@@ -15,8 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from medseg.config import ConfigError, check_required, register_resolvers
-from medseg.data.check import NO_RUN_FOLDER
+from medseg.config import ConfigError, check_required, register_resolvers, run_without_run_folder
 from medseg.data.layouts import DATA_HELP, DatasetError
 
 log = logging.getLogger("medseg")
@@ -45,8 +44,8 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv.extend(NO_RUN_FOLDER)
-    _main()
+    """``python -m medseg.data.preprocess +experiment=... data.root=...``: exit status 1 on an error."""
+    run_without_run_folder(_main)
 
 
 register_resolvers()
