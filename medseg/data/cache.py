@@ -20,7 +20,7 @@ two runs) one builds, the others wait and then find the entries valid. Cases are
 
 Why ``.npy`` and not a compressed chunked store (blosc2, as nnU-Net uses): measured on a preprocessed
 BraTS-size image (``python -m medseg.bench --only cache``), blosc2 with zstd takes 2.4x less disk but
-reads a random 128^3 patch 4x slower; disk is the cheaper resource on a GPU node, and the patch rate
+reads random 128^3 patches 2.6x slower; disk is the cheaper resource on a GPU node, and the patch rate
 is what the GPUs wait for (README, "Performance").
 """
 
