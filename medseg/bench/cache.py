@@ -231,11 +231,9 @@ def run(options: BenchOptions) -> BenchResult:
         cold[n] = runs[0]
         warm[n] = min(runs[1:], key=lambda r: r.first_step_s or math.inf)  # the least disturbed start
         disk_peak[n] = max(p for r in runs[1:] for p in r.python_peaks)
-    slope, intercept = fit_slope(list(disk_peak), list(disk_peak.values()))
+    figure, slope, intercept = _slope_figure("disk cache", disk_peak, GOALS["slope"])
+    figures.append(figure)
     projected = intercept + slope * BRATS_2021_CASES
-    figures.append(Figure(NAME, f"peak RSS per training process, disk cache: MB per case ({', '.join(map(str, s.sizes))} cases)", slope / MB,
-                          Contender("slope", slope / MB, "MB/case"), kind="value", goal=GOALS["slope"],
-                          note=f"peak {', '.join(f'{n}: {b / MB:.0f} MB' for n, b in disk_peak.items())}; projected {BRATS_2021_CASES} cases: {projected / 2**30:.2f} GiB/process, {NODE_PROCESSES * projected / 2**30:.1f} GiB for {NODE_PROCESSES} processes"))
     details["disk"] = {"peak_bytes": disk_peak, "slope_bytes_per_case": slope, "intercept_bytes": intercept, "projected_bytes_per_process": projected, "projected_bytes_node": NODE_PROCESSES * projected}
 
     if s.contrast:
@@ -245,10 +243,8 @@ def run(options: BenchOptions) -> BenchResult:
             memory = run_training(training_overrides(roots[n], work / f"run-{n}-memory", work / f"cache-{n}", s.train_patch, steps, "data.cache=memory"), work, env)
             memory_peak[n] = max(memory.python_peaks)
             details["runs"].append({"cases": n, "cache": "memory", "state": "warm", **asdict(memory)})
-        mslope, mintercept = fit_slope(list(memory_peak), list(memory_peak.values()))
-        figures.append(Figure(NAME, f"peak RSS per training process, in-memory cache: MB per case ({', '.join(map(str, small))} cases)", mslope / MB,
-                              Contender("slope", mslope / MB, "MB/case"), kind="value",
-                              note=f"peak {', '.join(f'{n}: {b / MB:.0f} MB' for n, b in memory_peak.items())}; projected {BRATS_2021_CASES} cases: {(mintercept + mslope * BRATS_2021_CASES) / 2**30:.0f} GiB/process"))
+        figure, mslope, _ = _slope_figure("in-memory cache", memory_peak)
+        figures.append(figure)
         details["memory"] = {"peak_bytes": memory_peak, "slope_bytes_per_case": mslope}
         n = s.sizes[-1]
         ddp = run_training(training_overrides(roots[n], work / f"run-{n}-ddp", work / f"cache-{n}", s.train_patch, steps, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"), work, {**env, "OMP_NUM_THREADS": "1"})
@@ -273,6 +269,17 @@ def run(options: BenchOptions) -> BenchResult:
     settings = {**asdict(s), "repeats": repeats, "omp_threads": env["OMP_NUM_THREADS"]}
     shutil.rmtree(work, ignore_errors=True)
     return BenchResult(figures, settings=settings, details=details)
+
+
+def _slope_figure(cache: str, peaks: dict[int, int], goal: Goal | None = None) -> tuple[Figure, float, float]:
+    """The MB-per-case figure of peak RSS against case count, with the projection for BraTS 2021; also the
+    fitted slope and intercept in bytes."""
+    slope, intercept = fit_slope(list(peaks), list(peaks.values()))
+    projected = intercept + slope * BRATS_2021_CASES
+    note = (f"peak {', '.join(f'{n}: {b / MB:.0f} MB' for n, b in peaks.items())}; projected {BRATS_2021_CASES} cases: "
+            f"{projected / 2**30:.2f} GiB/process, {NODE_PROCESSES * projected / 2**30:.1f} GiB for {NODE_PROCESSES} processes")
+    name = f"peak RSS per training process, {cache}: MB per case ({', '.join(map(str, peaks))} cases)"
+    return Figure(NAME, name, slope / MB, Contender("slope", slope / MB, "MB/case"), kind="value", goal=goal, note=note), slope, intercept
 
 
 def _datamodule(options: BenchOptions, root: Path, patch: int, cache_dir: Path, *extra: str) -> SegmentationDataModule:
