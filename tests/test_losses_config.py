@@ -25,6 +25,7 @@ EXPECTED = {
     "balanced_ce": losses.BalancedCELoss,
     "topk_ce": losses.TopKCELoss,
     "deep_supervision": losses.DeepSupervisionLoss,
+    "blob_focal_dice": losses.BlobLoss,
 }
 
 
@@ -66,7 +67,8 @@ def test_loss_option_composes_and_runs(name, mode):
     logits, target = random_batch(mode, deep=name == "deep_supervision")
     if hasattr(loss, "forward_with_terms"):
         value, terms = loss.forward_with_terms(logits, target)
-        assert set(terms) == ({"ce", "dice"} if name == "dice_ce" else {"focal", "dice"})
+        expected = {"dice_ce": {"ce", "dice"}, "blob_focal_dice": {"focal", "dice", "blob"}}.get(name, {"focal", "dice"})
+        assert set(terms) == expected
     else:
         value = loss(logits, target)
     assert value.ndim == 0 and torch.isfinite(value)

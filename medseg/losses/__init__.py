@@ -1,4 +1,4 @@
-"""Segmentation losses: focal, Dice and their combinations, cross-entropy baselines, deep supervision.
+"""Segmentation losses: focal, Dice and their combinations, blob loss (one term per lesion), cross-entropy baselines, deep supervision.
 
 Every loss maps logits ``(B, C, *spatial)`` and a target to a scalar, in ``mode="sigmoid"`` (multi-label,
 target of the logits' shape) or ``mode="softmax"`` (classes with background 0; class indices
@@ -6,6 +6,7 @@ target of the logits' shape) or ``mode="softmax"`` (classes with background 0; c
 unweighted parts. The Hydra group ``conf/loss/`` selects one: ``loss=focal_dice`` (default), ``loss=dice``...
 """
 
+from medseg.losses.blob import BlobLoss
 from medseg.losses.ce import BalancedCELoss, CrossEntropyLoss, TopKCELoss
 from medseg.losses.compound import DiceCELoss, FocalDiceLoss
 from medseg.losses.deep_supervision import DeepSupervisionLoss
@@ -14,6 +15,7 @@ from medseg.losses.focal import FocalLoss
 
 __all__ = [
     "BalancedCELoss",
+    "BlobLoss",
     "CrossEntropyLoss",
     "DeepSupervisionLoss",
     "DiceCELoss",
