@@ -15,6 +15,8 @@ absolute times are context only), printed as a table and written as JSON (layout
 - ``inference`` (:mod:`~medseg.bench.inference`): ``medseg.predict`` vs MONAI ``sliding_window_inference``
   on a 4x240x240x155 case; seconds per case, peak memory. Goal <= 1.05.
 - ``loss`` (:mod:`~medseg.bench.loss`): ``FocalDiceLoss`` vs MONAI ``DiceFocalLoss``, forward + backward.
+- ``blob`` (:mod:`~medseg.bench.blob`): ``BlobLoss`` vs ``FocalDiceLoss`` at 10, 100 and 1000 lesions per
+  patch batch; time and peak memory. Goal <= 3x at every count (the cost must not grow with the count).
 - ``lesion`` (:mod:`~medseg.bench.lesion`): lesion metrics per case vs the 1 s budget.
 - ``scaling`` (:mod:`~medseg.bench.scaling`): step time and memory vs patch size, inference time vs volume
   size, exponent of ``cost ~ voxels^k``.
@@ -32,6 +34,7 @@ BENCHMARKS = {
     "cache": "medseg.bench.cache",
     "inference": "medseg.bench.inference",
     "loss": "medseg.bench.loss",
+    "blob": "medseg.bench.blob",
     "lesion": "medseg.bench.lesion",
     "scaling": "medseg.bench.scaling",
 }
