@@ -12,7 +12,11 @@ For each variant and seed, the validation cases of all its jobs (all folds) are 
 * ``lesion_recall`` and ``recall_<bucket>``: detected / reference lesions, pooled over cases (a case with
   many lesions weighs more; buckets of the same case are not averaged first, so sparse buckets stay exact);
 * ``lesion_precision``: predicted components touching a reference lesion / predicted components, pooled;
-* ``fp_per_case``: predicted components touching no reference lesion, mean over cases.
+* ``lesion_f1``: detection F1 ``2PR / (P + R)`` of the pooled precision and recall; ``lesion_f1_case_mean``: the
+  mean over cases of each case's F1;
+* ``fp_per_case``: predicted components touching no reference lesion, mean over cases, at the job's final
+  operating point; ``fp_per_case_before``: the same before post-processing (threshold 0.5, no size filter; from
+  ``test_cases_before_postprocessing.csv`` when the job tuned its operating point, else equal).
 
 Then the mean and the sample standard deviation (``ddof=1``; NaN with one seed) over seeds. Written to
 ``--out`` (default ``<first folder>/ablation``): ``ablation.csv`` (one row per variant and region),
@@ -35,11 +39,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from medseg.metrics.lesion import lesion_f1
 from medseg.report import write_csv_atomic
 from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
 
 # Per-seed scores, in table order; recall_<bucket> columns go after lesion_recall.
-SCORES = ("dice", "lesion_recall", "lesion_precision", "fp_per_case")
+SCORES = ("dice", "lesion_recall", "lesion_precision", "lesion_f1", "lesion_f1_case_mean", "fp_per_case", "fp_per_case_before")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Job:
         fold: the cross-validation fold (``data.fold``), ``None`` for a seeded split.
         buckets: lesion size bucket names; ``edges_mm3`` their edges (``len(buckets) - 1``).
         rows: the rows of ``test_cases.csv`` (strings, as read).
+        rows_before: the rows of ``test_cases_before_postprocessing.csv`` (``rows`` when the job did not tune).
     """
 
     folder: Path
@@ -62,6 +68,7 @@ class Job:
     buckets: tuple[str, ...]
     edges_mm3: tuple[float, ...]
     rows: list[dict[str, str]]
+    rows_before: list[dict[str, str]] | None = None
 
 
 def job_folders(folder: str | Path) -> list[Path]:
@@ -98,6 +105,7 @@ def read_job(folder: Path) -> Job:
         buckets=tuple(str(b) for b in lesion.bucket_names),
         edges_mm3=tuple(float(e) for e in lesion.size_buckets_mm3),
         rows=read_rows(needed[3]),
+        rows_before=read_rows(before) if (before := folder / "test_cases_before_postprocessing.csv").is_file() else None,
     )
 
 
@@ -110,23 +118,33 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
 
-def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence[str]) -> dict[str, float]:
+def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence[str], rows_before: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
     """Scores of one region over a set of case rows (see the module docstring), with reference lesion counts.
 
+    Args:
+        rows_before: the same cases before post-processing (``None``: ``rows`` themselves).
+
     Returns:
-        ``dice``, ``lesion_recall``, ``lesion_precision``, ``fp_per_case``, ``n_cases``, ``n_ref_lesions`` and per
-        bucket ``recall_<bucket>`` (NaN without reference lesions) and ``n_ref_lesions_<bucket>``.
+        ``dice``, ``lesion_recall``, ``lesion_precision``, ``lesion_f1``, ``lesion_f1_case_mean``, ``fp_per_case``,
+        ``fp_per_case_before``, ``n_cases``, ``n_ref_lesions`` and per bucket ``recall_<bucket>`` (NaN without
+        reference lesions) and ``n_ref_lesions_<bucket>``.
     """
     subset = [r for r in rows if r["region"] == region]
+    before = [r for r in (rows_before if rows_before is not None else rows) if r["region"] == region]
 
-    def total(column: str) -> float:
-        return sum(float(r[column]) for r in subset)
+    def total(column: str, of: Sequence[dict[str, Any]] = subset) -> float:
+        return sum(float(r[column]) for r in of)
 
+    precision = _ratio(total("n_pred_lesions") - total("false_positives"), total("n_pred_lesions"))
+    recall = _ratio(total("detected"), total("n_ref_lesions"))
     scores = {
         "dice": _nanmean([float(r["dice"]) for r in subset]),
-        "lesion_recall": _ratio(total("detected"), total("n_ref_lesions")),
-        "lesion_precision": _ratio(total("n_pred_lesions") - total("false_positives"), total("n_pred_lesions")),
+        "lesion_recall": recall,
+        "lesion_precision": precision,
+        "lesion_f1": lesion_f1(precision, recall),
+        "lesion_f1_case_mean": _nanmean([lesion_f1(*_case_precision_recall(r)) for r in subset]),
         "fp_per_case": _ratio(total("false_positives"), len(subset)),
+        "fp_per_case_before": _ratio(total("false_positives", before), len(before)),
         "n_cases": float(len(subset)),
         "n_ref_lesions": total("n_ref_lesions"),
     }
@@ -134,6 +152,12 @@ def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence
         scores[f"recall_{bucket}"] = _ratio(detected, n_ref)
         scores[f"n_ref_lesions_{bucket}"] = float(n_ref)
     return scores
+
+
+def _case_precision_recall(row: dict[str, Any]) -> tuple[float, float]:
+    """One case's lesion precision and recall, recomputed from its counts (NaN where undefined)."""
+    n_pred, n_ref = float(row["n_pred_lesions"]), float(row["n_ref_lesions"])
+    return _ratio(n_pred - float(row["false_positives"]), n_pred), _ratio(float(row["detected"]), n_ref)
 
 
 def per_seed(jobs: Sequence[Job], per_fold: bool = False) -> list[dict[str, Any]]:
@@ -159,10 +183,11 @@ def per_seed(jobs: Sequence[Job], per_fold: bool = False) -> list[dict[str, Any]
     for variant, seed in dict.fromkeys(map(group, jobs)):  # sweep order
         members = [j for j in jobs if group(j) == (variant, seed)]
         rows = [r for j in members for r in j.rows]
+        rows_before = [r for j in members for r in (j.rows_before if j.rows_before is not None else j.rows)]
         folds = ",".join(str(f) for f in sorted(j.fold for j in members if j.fold is not None))
         for region in dict.fromkeys(r["region"] for r in rows):
             cases = ",".join(sorted({r["case"] for r in rows if r["region"] == region}))
-            out.append({"variant": variant, "region": region, "seed": seed, "folds": folds, "cases": cases, **pooled_scores(rows, region, members[0].buckets)})
+            out.append({"variant": variant, "region": region, "seed": seed, "folds": folds, "cases": cases, **pooled_scores(rows, region, members[0].buckets, rows_before)})
     return out
 
 
@@ -206,14 +231,14 @@ def markdown_table(summary: Sequence[dict[str, Any]], buckets: Sequence[str], ed
         return f"{name} ({', '.join(parts)})" if parts else name
 
     labels = ["loss", *(["validation cases"] if show_cases else []), *(["region"] if len(regions) > 1 else [])]
-    heads = [*labels, "seeds", "Dice", *(head(name, detail, key) for _, key, name, detail in recalls), "FP lesions / case", "lesion precision"]
+    heads = [*labels, "seeds", "Dice", *(head(name, detail, key) for _, key, name, detail in recalls), "lesion precision", "lesion F1", "FP lesions / case", "FP / case before post-processing"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] * len(labels) + ["---:"] * (len(heads) - len(labels))) + "|"]
     for row in summary:
         cells = [f"`{row['variant']}`", *([row["cases"]] if show_cases else []), *([row["region"]] if len(regions) > 1 else [])]
         cells += [str(row["n_seeds"]), _pm(row["dice_mean"], row["dice_std"])]
         for score, key, _, _ in recalls:
             cells.append(_pm(row[f"{score}_mean"], row[f"{score}_std"]) + ("" if key in shared else f" (n={row[key]})"))
-        cells += [_pm(row[f"{score}_mean"], row[f"{score}_std"]) for score in ("fp_per_case", "lesion_precision")]
+        cells += [_pm(row[f"{score}_mean"], row[f"{score}_std"]) for score in ("lesion_precision", "lesion_f1", "fp_per_case", "fp_per_case_before")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

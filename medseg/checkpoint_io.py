@@ -63,3 +63,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except pickle.UnpicklingError as err:  # older checkpoints may pickle arbitrary objects (hparams classes)
             log.warning("%s holds more than tensors and plain containers (%s); loading it fully: only do this for files you trust.", path, str(err).splitlines()[0])
             return super().load_checkpoint(path, map_location, weights_only=False)
+
+
+def update_checkpoint(path: str | os.PathLike, key: str, value: Any) -> None:
+    """Set ``checkpoint[key] = value`` in a saved checkpoint file, atomically (the weights are unchanged)."""
+    io = AtomicCheckpointIO()
+    checkpoint = io.load_checkpoint(path, map_location="cpu")
+    checkpoint[key] = value
+    io.save_checkpoint(checkpoint, path)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.warnings import PossibleUserWarning
@@ -18,10 +19,12 @@ from torch import Tensor, nn
 from medseg.data.labels import LabelSpec
 from medseg.metrics.cases import case_rows, gather_rows
 from medseg.metrics.lesion import LesionMetrics
+from medseg.metrics.operating_point import CRITERIA, OperatingPointSweep
 from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
+from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, postprocess, probabilities
 
 # Lesion-wise values logged every validation, besides per-bucket recalls and reference-lesion counts.
-LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_dice")
+LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_f1_case_mean", "lesion_dice", "fp_per_case")
 NONFINITE_ACTIONS = ("stop", "skip")
 log = logging.getLogger("medseg")
 # Validation and test values are torchmetrics results, already reduced over processes; train/loss is the
@@ -45,7 +48,12 @@ class SegmentationModule(L.LightningModule):
         scheduler: a partial learning-rate scheduler completed with the optimizer, or ``None``.
         labels: the ``data.labels`` node: mode (sigmoid/softmax) and region or class names.
         inferer: sliding-window options: ``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``.
-        threshold: probability above which a sigmoid output counts as foreground.
+        threshold: probability above which a sigmoid output counts as foreground (until a tuned operating
+            point replaces it, see ``operating_point``).
+        min_component_mm3: predicted components smaller than this are removed before scoring (0: none).
+        operating_point: the final evaluation's sweep: ``criterion`` (``"dice"``, ``"lesion_f1"``, or ``None`` to
+            keep ``threshold`` / ``min_component_mm3``), ``thresholds`` and ``min_component_mm3`` (the grid). See
+            :meth:`start_sweep`; the chosen point becomes :attr:`postprocessing` and travels in checkpoints.
         empty_score: metric value for a case where reference and prediction are both empty.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         lesion_metrics: options of :class:`medseg.metrics.lesion.LesionMetrics` (connectivity, size buckets,
@@ -75,6 +83,8 @@ class SegmentationModule(L.LightningModule):
         lesion_metrics: Mapping[str, Any] | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
         max_skipped_steps: int = 10,
+        min_component_mm3: float = 0.0,
+        operating_point: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_ACTIONS:
@@ -83,10 +93,13 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"expected max_skipped_steps >= 1, got {max_skipped_steps}")
         labels, inferer = _plain(labels), _plain(inferer)
         lesion_metrics = _plain(lesion_metrics) if lesion_metrics else None
+        operating_point = _plain(operating_point) if operating_point else None
+        if operating_point and operating_point.get("criterion") not in (None, *CRITERIA):
+            raise ValueError(f"expected model.operating_point.criterion in {(None, *CRITERIA)}, got {operating_point.get('criterion')!r}")
         # Plain containers only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {"labels": labels, "inferer": inferer, "threshold": threshold, "empty_score": empty_score, "scheduler_interval": scheduler_interval, "lesion_metrics": lesion_metrics,
-             "nonfinite": nonfinite, "max_skipped_steps": max_skipped_steps},
+             "nonfinite": nonfinite, "max_skipped_steps": max_skipped_steps, "min_component_mm3": min_component_mm3, "operating_point": operating_point},
             logger=False,
         )
         self.net = net
@@ -103,6 +116,11 @@ class SegmentationModule(L.LightningModule):
             {stage: nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names}) for stage in ("val", "test")}
         ) if lesion_metrics else None
         self.case_rows: list[dict[str, Any]] = []
+        # What turns probabilities into masks for scoring and prediction; replaced by the tuned point.
+        self.postprocessing = OperatingPoint.uniform(names, threshold, min_component_mm3)
+        self.connectivity = int((lesion_metrics or {}).get("connectivity", 26))
+        self.sweep: OperatingPointSweep | None = None  # set by start_sweep() for one test pass
+        self.sweep_result: tuple[OperatingPoint, list[dict[str, Any]]] | None = None
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
         self._last_batch: tuple[Tensor, list[str]] | None = None  # (loss, cases) of this process's current step
         self._skipped_in_a_row = 0
@@ -175,15 +193,38 @@ class SegmentationModule(L.LightningModule):
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
         logits = self.predict_volume(image)
         self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
-        pred = binarize(logits, self.mode, self.hparams.threshold)  # (B, R, H, W, D) bool
         truth = target_channels(target, self.mode, logits.shape[1])
-        self.metrics[stage].update(pred, truth)
         spacing = batch.get("spacing")  # (B, 3) mm
+        pred = self.masks(logits, spacing)  # (B, R, H, W, D) bool
+        if stage == "test" and self.sweep is not None:
+            self.sweep.update(probabilities(logits, self.mode), truth, spacing)
+        self.metrics[stage].update(pred, truth)
         if self.lesion_metrics is not None:
             for r, name in enumerate(self.label_spec.names):
                 self.lesion_metrics[stage][name].update(pred[:, r], truth[:, r], spacing=spacing)
         if stage == "test":
             self.case_rows.extend(case_rows(batch.get("case"), pred, truth, spacing, self.label_spec.names, self.lesion_options, self.hparams.empty_score))
+
+    def masks(self, logits: Tensor, spacing: Tensor | None = None) -> Tensor:
+        """Binary masks ``(B, R, *spatial)`` of logits ``(B, C, *spatial)`` at :attr:`postprocessing`, the same
+        post-processing as :mod:`medseg.predict` (``spacing`` ``(B, 3)`` mm turns sizes into voxels)."""
+        point = self.postprocessing
+        if not any(point.min_component_mm3) and len(set(point.threshold)) == 1:
+            return binarize(logits, self.mode, point.threshold[0])  # on the logits' device, no copy to the CPU
+        probs = probabilities(logits, self.mode)
+        spacings = spacing.tolist() if spacing is not None else [[1.0, 1.0, 1.0]] * logits.shape[0]
+        masks = [postprocess(probs[b], self.mode, point, float(torch.tensor(spacings[b]).prod()), self.connectivity) for b in range(logits.shape[0])]
+        return torch.from_numpy(np.stack(masks)).to(logits.device)
+
+    def start_sweep(self) -> None:
+        """Sweep the operating-point grid during the next test pass (see :meth:`on_test_epoch_end`)."""
+        options = self.hparams.operating_point or {}
+        lesion = self.hparams.lesion_metrics or {}
+        self.sweep = OperatingPointSweep(
+            self.label_spec.names, self.mode, options.get("thresholds", [self.hparams.threshold]), options.get("min_component_mm3", [0.0]),
+            self.connectivity, lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.hparams.empty_score,
+        ).to(self.device)
+        self.sweep_result = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -201,6 +242,7 @@ class SegmentationModule(L.LightningModule):
         if self.lesion_metrics is not None:
             for name, metric in self.lesion_metrics[stage].items():
                 lesion = metric.compute()
+                lesion["fp_per_case"] = lesion["false_positives"].double() / lesion["n_cases"].clamp_min(1)
                 logged.update({f"{stage}/{k}_{name}": v.float() for k, v in lesion.items() if k in LOGGED_LESION_KEYS or k.startswith(("lesion_recall_", "n_ref_lesions_"))})
                 metric.reset()
         self.log_dict({k: v for k, v in logged.items() if k != f"{stage}/dice"})
@@ -213,6 +255,11 @@ class SegmentationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
         self.case_rows = gather_rows(self.case_rows)
+        if self.sweep is not None:
+            with self.sweep.sync_context():  # every process's counts (DDP); all processes choose alike
+                criterion = (self.hparams.operating_point or {}).get("criterion") or "dice"
+                self.sweep_result = (self.sweep.choose(criterion), self.sweep.table())
+            self.sweep = None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
@@ -224,9 +271,13 @@ class SegmentationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["medseg_config"] = self.run_config
+        if self.postprocessing.criterion is not None:
+            checkpoint[CHECKPOINT_KEY] = self.postprocessing.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("medseg_config", self.run_config)
+        if checkpoint.get(CHECKPOINT_KEY):
+            self.postprocessing = OperatingPoint.from_dict(checkpoint[CHECKPOINT_KEY])
 
 
 def _plain(node: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import cc3d
 import hydra
 import nibabel as nib
 import numpy as np
@@ -55,6 +54,7 @@ from medseg.data.layouts import (
 )
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.module import SegmentationModule
+from medseg.postprocess import OperatingPoint, postprocess
 from medseg.train import build_model
 
 log = logging.getLogger("medseg")
@@ -100,6 +100,7 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {str(path)!r}: the weights do not fit the network of its saved config: {_first_line(err)}") from err
+    model.on_load_checkpoint(checkpoint)  # the tuned operating point, when the final evaluation stored one
     return model.eval(), cfg
 
 
@@ -216,43 +217,22 @@ def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose
     return inverted.as_tensor().float() if isinstance(inverted, MetaTensor) else inverted.float()
 
 
-def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26) -> np.ndarray:
-    """``mask`` without its connected components of fewer than ``min_voxels`` voxels.
-
-    Args:
-        mask: boolean ``(X, Y, Z)``.
-
-    Returns:
-        Boolean ``(X, Y, Z)``.
-    """
-    if min_voxels <= 0 or not mask.any():
-        return mask
-    components = cc3d.connected_components(mask, connectivity=connectivity)  # (X, Y, Z) ids, 0 = background
-    sizes = np.bincount(components.ravel())  # voxels per component id
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[components]
-
-
-def segment(probs: Tensor, spec: LabelSpec, threshold: float = 0.5, min_voxels: float = 0.0) -> np.ndarray:
-    """Probabilities to dataset labels, optionally without small components.
+def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None, voxel_mm3: float = 1.0) -> np.ndarray:
+    """Probabilities to dataset labels at an operating point (threshold, small components removed).
 
     Args:
         probs: ``(C_out, X, Y, Z)``: sigmoid probabilities per region, or softmax probabilities per class
             (background first).
         spec: the label convention of the checkpoint.
-        threshold: sigmoid mode: probability above which a region is foreground.
-        min_voxels: components of a region (sigmoid) or class (softmax) smaller than this become background.
+        point: per-region threshold and minimum component volume (:mod:`medseg.postprocess`, the same code
+            as the final evaluation); ``None``: threshold 0.5, nothing removed.
+        voxel_mm3: the volume of one voxel of ``probs``' grid.
 
     Returns:
         ``(X, Y, Z)`` integer labels in the dataset's convention (e.g. BraTS 0/1/2/4).
     """
-    if spec.mode == "sigmoid":
-        masks = (probs > threshold).numpy()  # (R, X, Y, Z) bool
-    else:
-        index = probs.argmax(dim=0).numpy()  # (X, Y, Z)
-        masks = np.stack([index == c for c in range(1, probs.shape[0])])  # (C_out - 1, X, Y, Z)
-    masks = np.stack([remove_small_components(m, min_voxels) for m in masks])
+    point = point or OperatingPoint.uniform(spec.names)
+    masks = postprocess(probs, spec.mode, point, voxel_mm3)  # (R, X, Y, Z) bool
     labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
     foreground = masks.any(0)  # (X, Y, Z)
     if not foreground.any():
@@ -303,8 +283,7 @@ class PredictOptions:
     device: torch.device
     tta: bool = False
     flip_axes: tuple[int, ...] = (0, 1, 2)  # the test-time flips: those of the training augmentation
-    threshold: float = 0.5
-    min_component_mm3: float = 0.0
+    point: OperatingPoint | None = None  # per-region threshold and minimum component volume; None: 0.5, none removed
     save_probabilities: bool = False
     in_channels: int | None = None  # None skips the channel check
     inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
@@ -379,7 +358,7 @@ def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: Labe
         probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
     reference = nib.load(case.record["image"][0])
     voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
-    labels = segment(probs, spec, options.threshold, options.min_component_mm3 / voxel_mm3)  # (X, Y, Z)
+    labels = segment(probs, spec, options.point, voxel_mm3)  # (X, Y, Z)
     write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, case.target)
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
     if options.save_probabilities:
@@ -512,8 +491,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         ConfigError, DatasetError: unusable keys, checkpoint or input (before any case is predicted).
     """
     check_required(cfg, REQUIRED_HELP)
-    if cfg.min_component_mm3 < 0:
-        raise ConfigError(f"expected min_component_mm3 >= 0, got {cfg.min_component_mm3}")
+    if cfg.get("min_component_mm3") is not None and not cfg.min_component_mm3 >= 0:
+        raise ConfigError(f"expected min_component_mm3 >= 0 (or null: the checkpoint's tuned value), got {cfg.min_component_mm3}")
+    if cfg.get("threshold") is not None and not 0 < cfg.threshold < 1:
+        raise ConfigError(f"expected threshold in (0, 1) (or null: the checkpoint's tuned value), got {cfg.threshold}")
     if not isinstance(cfg.prefetch, int) or isinstance(cfg.prefetch, bool) or cfg.prefetch < 0:
         raise ConfigError(f"expected prefetch to be a whole number >= 0 (cases read ahead; 0: one case after another), got {cfg.prefetch!r}")
     device = _device(str(cfg.device))
@@ -536,14 +517,14 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         ct_window=data_cfg.get("ct_window", (-175.0, 250.0)),
         crop_foreground=data_cfg.get("crop_foreground", True),
     )
-    threshold = cfg.threshold if cfg.get("threshold") is not None else train_cfg.model.get("threshold", 0.5)
+    # The checkpoint's operating point (tuned after training, or its model.threshold), unless overridden here.
+    point = model.postprocessing.with_overrides(cfg.get("threshold"), cfg.get("min_component_mm3"))
     options = PredictOptions(
         output=output,
         device=device,
         tta=bool(cfg.tta),
         flip_axes=tuple(data_cfg.get("augment", {}).get("flip_axes", (0, 1, 2))),
-        threshold=float(threshold),
-        min_component_mm3=float(cfg.min_component_mm3),
+        point=point,
         save_probabilities=bool(cfg.save_probabilities),
         in_channels=data_cfg.get("in_channels"),
         inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
@@ -559,7 +540,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     summary = {
         "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
         "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input),
-        "options": {"tta": options.tta, "threshold": options.threshold, "min_component_mm3": options.min_component_mm3, "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
+        "options": {"tta": options.tta, "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
         "failed": sum("error" in r for r in results),
         "cases": results,
     }

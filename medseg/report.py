@@ -34,7 +34,7 @@ def metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage: str =
     table = Table(title=title or f"{stage} metrics", title_justify="left")
     table.add_column("region", no_wrap=True)
     by_size = {f"lesion_recall_{b}": f"{b.capitalize()} rec." for b in size_buckets(metrics, names, stage)}
-    headers = {**VOXEL_COLUMNS, "lesion_recall": "Lesion rec.", **by_size, "lesion_precision": "Lesion prec."}
+    headers = {**VOXEL_COLUMNS, "lesion_recall": "Lesion rec.", **by_size, "lesion_precision": "Lesion prec.", "lesion_f1": "Lesion F1", "fp_per_case": "FP/case"}
     columns = [c for c in headers if any(f"{stage}/{c}_{n}" in metrics for n in names)]
     for column in columns:
         table.add_column(headers[column], justify="right")

@@ -81,10 +81,20 @@ def test_means_and_stds_over_seeds(multirun, tmp_path, capsys):
         "lesion_recall": (7 / 12, 2 / 12),
         # predicted components: detected + false positives; precision = detected / predicted, per seed pooled
         "lesion_precision": tuple(_mean_std([(2 * s + 3) / (2 * s + 3 + 2 * s + 2) for s in (1, 2, 3)])),
+        "lesion_f1": tuple(_mean_std(F1_PER_SEED)),
+        "fp_per_case_before": (3.0, 1.0),  # no test_cases_before_postprocessing.csv: the same rows
     }  # fmt: skip
     for score, (mean, std) in expected.items():
         assert dice[f"{score}_mean"] == pytest.approx(mean) and dice[f"{score}_std"] == pytest.approx(std, abs=1e-12), score
     assert (focal["recall_small_mean"], focal["recall_small_std"], focal["fp_per_case_mean"], focal["dice_mean"]) == (1.0, 0.0, 10.0, 0.5)
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r)
+
+
+# per seed s: recall (2s + 3) / 12, precision (2s + 3) / (4s + 5)
+F1_PER_SEED = [_f1((2 * s + 3) / (4 * s + 5), (2 * s + 3) / 12) for s in (1, 2, 3)]
 
 
 def _mean_std(values: list[float]) -> list[float]:
@@ -97,7 +107,9 @@ def test_written_files(multirun, tmp_path):
     aggregate([multirun], out)
     table = (out / "ablation.md").read_text().splitlines()
     assert table[0].startswith("| loss | seeds | Dice | lesion recall (n=12) | recall small (< 100 mm³, n=10) | recall large (>= 100 mm³, n=2) |")
-    assert table[2] == "| `dice` | 3 | 0.700 ± 0.050 | 0.583 ± 0.167 | 0.500 ± 0.200 | 1.000 ± 0.000 | 3.000 ± 1.000 | " + " ± ".join(f"{v:.3f}" for v in _mean_std([5 / 9, 7 / 13, 9 / 17])) + " |"
+    precision = " ± ".join(f"{v:.3f}" for v in _mean_std([5 / 9, 7 / 13, 9 / 17]))
+    f1 = " ± ".join(f"{v:.3f}" for v in _mean_std(F1_PER_SEED))
+    assert table[2] == f"| `dice` | 3 | 0.700 ± 0.050 | 0.583 ± 0.167 | 0.500 ± 0.200 | 1.000 ± 0.000 | {precision} | {f1} | 3.000 ± 1.000 | 3.000 ± 1.000 |"
     rows = list(csv.DictReader((out / "ablation.csv").open()))
     assert [r["variant"] for r in rows] == ["dice", "focal_dice_g1"] and float(rows[0]["recall_small_std"]) == pytest.approx(0.2)
     seeds = list(csv.DictReader((out / "ablation_seeds.csv").open()))
@@ -165,3 +177,16 @@ def test_per_fold_rows(multirun, tmp_path):
     assert table[3].startswith("| `dice, fold 1` | case10 | 3 | 0.800 ± 0.100 | 0.500 ± 0.167 | 0.500 ± 0.167 (n=6) | - (n=0) |")
     assert main([str(multirun), "--per-fold", "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "ablation.md").read_text() == (tmp_path / "out" / "ablation.md").read_text()
+
+
+def test_false_positives_before_post_processing(multirun, tmp_path):
+    """Jobs that tuned their operating point also have the untuned rows: FP / case before comes from those."""
+    for folder in job_folders(multirun)[:6]:  # the dice jobs
+        rows = list(csv.DictReader((folder / "test_cases.csv").open()))
+        for row in rows:
+            row["false_positives"] = str(int(row["false_positives"]) + 10)
+            row["n_pred_lesions"] = str(int(row["n_pred_lesions"]) + 10)
+        write_csv_atomic(rows, folder / "test_cases_before_postprocessing.csv")
+    dice, focal = aggregate([multirun], tmp_path / "out")
+    assert (dice["fp_per_case_mean"], dice["fp_per_case_before_mean"]) == (pytest.approx(3.0), pytest.approx(13.0))
+    assert focal["fp_per_case_before_mean"] == focal["fp_per_case_mean"] == 10.0

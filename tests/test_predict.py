@@ -26,6 +26,7 @@ from medseg.data.labels import LabelSpec
 from medseg.data.layouts import DatasetError
 from medseg.data.synthetic import CONTRASTS, generate_case
 from medseg.module import SegmentationModule
+from medseg.postprocess import OperatingPoint
 from medseg.predict import check_output_folder, find_input_cases, main, predict, predict_cases, segment
 
 BRATS_VALUES = {0, 1, 2, 4}
@@ -196,8 +197,13 @@ def test_segment_softmax_classes_and_small_components():
     probs[:, 8:10, 8:10, 8:10] = torch.tensor([0.2, 0.3, 0.5])[:, None, None, None]  # 8 voxels of class 2
     labels = segment(probs, spec)
     assert labels.dtype.kind == "i" and (labels == 1).sum() == 125 and (labels == 2).sum() == 8
-    cleaned = segment(probs, spec, min_voxels=10)
+    cleaned = segment(probs, spec, OperatingPoint.uniform(spec.names, min_component_mm3=10.0))
     assert (cleaned == 1).sum() == 125 and (cleaned == 2).sum() == 0
+    # sizes are volumes: at 2 mm voxels (8 mm^3 each) the 8-voxel component is 64 mm^3 and stays
+    per_class = OperatingPoint(tuple(spec.names), (0.5, 0.5), (200.0, 60.0))
+    coarse = segment(probs, spec, per_class, voxel_mm3=8.0)
+    assert (coarse == 1).sum() == 125 and (coarse == 2).sum() == 8
+    assert (segment(probs, spec, OperatingPoint(tuple(spec.names), (0.5, 0.5), (1001.0, 0.0)), voxel_mm3=8.0) == 1).sum() == 0
     empty = segment(torch.stack([torch.ones(4, 4, 4), torch.zeros(4, 4, 4), torch.zeros(4, 4, 4)]), spec)
     assert not empty.any()
 

@@ -121,7 +121,7 @@ def stage_seconds(record: dict[str, Any], model: SegmentationModule, transform: 
     times.append(clock(device))
     probs = to_original_geometry(probs, data, transform)  # (C_out, X, Y, Z)
     times.append(clock(device))
-    labels = segment(probs, spec, options.threshold)  # (X, Y, Z)
+    labels = segment(probs, spec, options.point)  # (X, Y, Z)
     times.append(clock(device))
     target = options.output / "stages.nii.gz"
     write_nifti_atomic(labels.astype(np.min_scalar_type(max(spec.values))), nib.load(record["image"][0]), target)

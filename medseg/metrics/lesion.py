@@ -8,6 +8,8 @@ Definitions (all on one binary mask pair of shape ``(D, H, W)``; volumes use the
   positive*. ``lesion_recall = detected / n_ref_lesions`` and
   ``lesion_precision = (n_pred_lesions - false_positives) / n_pred_lesions``: precision counts predicted
   components, so a lesion found as two fragments gives recall 1/1 and precision 2/2.
+  ``lesion_f1 = 2 P R / (P + R)`` of that precision and recall (detection F1, as MSSEG-2 ranks; 0 when both are
+  0); pooled over cases it uses the pooled precision and recall.
 * **Size buckets.** A reference lesion of volume ``v`` mm^3 falls in bucket ``i`` when
   ``edges[i-1] <= v < edges[i]`` (defaults: small ``v < 50``, medium ``50 <= v < 500``, large ``v >= 500``);
   ``lesion_recall_<bucket>`` is the detection recall within the bucket.
@@ -269,6 +271,13 @@ def _ratio(num: float, den: float, empty_score: float) -> float:
     return float(num) / float(den) if den > 0 else float(empty_score)
 
 
+def lesion_f1(precision: float, recall: float) -> float:
+    """Detection F1 ``2 P R / (P + R)``: 0 when both are 0, NaN when either is NaN."""
+    if math.isnan(precision) or math.isnan(recall):
+        return float("nan")
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
 def lesion_metrics(
     pred: np.ndarray | Tensor,
     target: np.ndarray | Tensor,
@@ -299,7 +308,7 @@ def lesion_metrics(
     Returns:
         Dict with counts ``n_ref_lesions``, ``n_pred_lesions``, ``detected``, ``missed``, ``false_positives``,
         ``n_dice_lesions`` (merged lesions in the lesion Dice), ``n_dice_false_positives``; scores
-        ``lesion_recall``, ``lesion_precision``, ``lesion_dice``; and for each bucket ``b``:
+        ``lesion_recall``, ``lesion_precision``, ``lesion_f1``, ``lesion_dice``; and for each bucket ``b``:
         ``n_ref_lesions_b``, ``detected_b``, ``missed_b``, ``lesion_recall_b``.
 
     Raises:
@@ -346,6 +355,7 @@ def _summarise(
         "n_dice_false_positives": int(n_dice_false_positives),
         "lesion_recall": _ratio(detected, n_ref, empty_score),
         "lesion_precision": _ratio(n_pred - false_positives, n_pred, empty_score),
+        "lesion_f1": lesion_f1(_ratio(n_pred - false_positives, n_pred, empty_score), _ratio(detected, n_ref, empty_score)),
         "lesion_dice": _ratio(dice_sum, n_dice_lesions + n_dice_false_positives, empty_score),
     }
     for name, n_b, det_b in zip(bucket_names, ref_counts.tolist(), detected_counts.tolist()):
@@ -408,8 +418,8 @@ class LesionMetrics(Metric):
     ``sum(detected) / sum(n_ref_lesions)`` over every reference lesion of every case (so a case with 90
     lesions weighs 90 times a case with one), precision pools predicted components, and ``lesion_dice`` pools
     the BraTS entries (kept merged lesions and false positives) of all cases. It also returns ``n_cases`` and
-    the per-case means ``lesion_dice_case_mean`` (what the BraTS ranking averages) and
-    ``lesion_recall_case_mean``; per-case values equal to NaN (``empty_score=nan``) are left out of those
+    the per-case means ``lesion_dice_case_mean`` (what the BraTS ranking averages),
+    ``lesion_recall_case_mean`` and ``lesion_f1_case_mean``; per-case values equal to NaN (``empty_score=nan``) are left out of those
     means. A ratio with a zero denominator, pooled or per-case, takes ``empty_score``.
 
     Args:
@@ -450,9 +460,9 @@ class LesionMetrics(Metric):
         self.add_state("detected_counts", torch.zeros(n_buckets, dtype=torch.long), dist_reduce_fx="sum")
         for name in ("n_pred", "false_positives", "n_dice_lesions", "n_dice_false_positives", "n_cases"):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        for name in ("n_case_dice", "n_case_recall"):
+        for name in ("n_case_dice", "n_case_recall", "n_case_f1"):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        for name in ("dice_sum", "case_dice_sum", "case_recall_sum"):
+        for name in ("dice_sum", "case_dice_sum", "case_recall_sum", "case_f1_sum"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def _case_spacings(self, spacing: Sequence[float] | np.ndarray | Tensor | None, batch: int) -> list:
@@ -507,6 +517,9 @@ class LesionMetrics(Metric):
             if not math.isnan(case["lesion_recall"]):
                 self.case_recall_sum += case["lesion_recall"]
                 self.n_case_recall += 1
+            if not math.isnan(case["lesion_f1"]):
+                self.case_f1_sum += case["lesion_f1"]
+                self.n_case_f1 += 1
 
     def compute(self) -> dict[str, Tensor]:
         """Pooled lesion metrics over all cases seen (see the class docstring), as 0-d tensors."""
@@ -526,6 +539,7 @@ class LesionMetrics(Metric):
         pooled["lesion_recall_case_mean"] = _ratio(
             float(self.case_recall_sum), int(self.n_case_recall), self.empty_score
         )
+        pooled["lesion_f1_case_mean"] = _ratio(float(self.case_f1_sum), int(self.n_case_f1), self.empty_score)
         return {
             key: torch.tensor(
                 value, dtype=torch.long if isinstance(value, int) else torch.get_default_dtype(), device=self.device

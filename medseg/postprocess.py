@@ -1,0 +1,144 @@
+"""Post-processing shared by the final evaluation and ``medseg.predict``: probabilities -> binary masks.
+
+One operating point per region (sigmoid) or class (softmax): a probability ``threshold`` (sigmoid only; a
+softmax class is its argmax) and a minimum connected-component volume ``min_component_mm3`` below which a
+predicted component is removed. Training's final evaluation tunes the point on the validation cases
+(:mod:`medseg.metrics.operating_point`), stores it in the checkpoint, and prediction applies it from there, so
+the masks a user gets are those the reported numbers were measured on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cc3d
+import numpy as np
+import torch
+from torch import Tensor
+
+# Key of the tuned operating point inside a checkpoint file.
+CHECKPOINT_KEY = "medseg_operating_point"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Per-region post-processing: ``threshold[r]`` and ``min_component_mm3[r]`` for region/class ``r``.
+
+    Attributes:
+        names: region (sigmoid) or foreground class (softmax) names, in output order.
+        threshold: probability above which a sigmoid region is foreground (ignored in softmax mode).
+        min_component_mm3: predicted components smaller than this volume are removed (0 keeps all).
+        criterion: what the point was chosen to maximise (``"dice"``, ``"lesion_f1"``), or ``None`` if untuned.
+        score: the criterion's value at the point on the tuning cases (NaN if untuned).
+    """
+
+    names: tuple[str, ...]
+    threshold: tuple[float, ...]
+    min_component_mm3: tuple[float, ...]
+    criterion: str | None = None
+    score: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (len(self.names) == len(self.threshold) == len(self.min_component_mm3)):
+            raise ValueError(f"expected one threshold and one min_component_mm3 per region {list(self.names)}, got {list(self.threshold)} and {list(self.min_component_mm3)}")
+        for t in self.threshold:
+            if not (0.0 < t < 1.0):
+                raise ValueError(f"expected thresholds in (0, 1), got {list(self.threshold)}")
+        for m in self.min_component_mm3:
+            if not (m >= 0 and math.isfinite(m)):
+                raise ValueError(f"expected min_component_mm3 >= 0, got {list(self.min_component_mm3)}")
+
+    @classmethod
+    def uniform(cls, names: Sequence[str], threshold: float = 0.5, min_component_mm3: float = 0.0) -> OperatingPoint:
+        """The same threshold and minimum size for every region (the untuned default)."""
+        return cls(tuple(names), (float(threshold),) * len(names), (float(min_component_mm3),) * len(names))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers (for JSON and for ``torch.load(weights_only=True)``)."""
+        return {
+            "criterion": self.criterion,
+            "regions": {
+                name: {"threshold": t, "min_component_mm3": m, **({"score": s} if self.score else {})}
+                for name, t, m, s in zip(self.names, self.threshold, self.min_component_mm3, self.score or [None] * len(self.names))
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OperatingPoint:
+        regions = data["regions"]
+        names = tuple(regions)
+        score = tuple(float(regions[n]["score"]) for n in names) if all("score" in regions[n] for n in names) else ()
+        return cls(names, tuple(float(regions[n]["threshold"]) for n in names), tuple(float(regions[n]["min_component_mm3"]) for n in names), data.get("criterion"), score)
+
+    def with_overrides(self, threshold: float | None = None, min_component_mm3: float | None = None) -> OperatingPoint:
+        """This point with one threshold and/or minimum size for every region (a user's explicit choice)."""
+        n = len(self.names)
+        return OperatingPoint(
+            self.names,
+            self.threshold if threshold is None else (float(threshold),) * n,
+            self.min_component_mm3 if min_component_mm3 is None else (float(min_component_mm3),) * n,
+            self.criterion if threshold is None and min_component_mm3 is None else None,
+            self.score if threshold is None and min_component_mm3 is None else (),
+        )
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_voxels`` voxels.
+
+    Args:
+        mask: boolean ``(X, Y, Z)``.
+
+    Returns:
+        Boolean ``(X, Y, Z)``.
+    """
+    if min_voxels <= 0 or not mask.any():
+        return mask
+    components = cc3d.connected_components(mask, connectivity=connectivity)  # (X, Y, Z) ids, 0 = background
+    sizes = np.bincount(components.ravel())  # voxels per component id
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[components]
+
+
+def foreground_masks(probs: Tensor, mode: str, threshold: Sequence[float]) -> np.ndarray:
+    """Binary masks per region/class from probabilities, before any component filtering.
+
+    Args:
+        probs: ``(C_out, *spatial)``: sigmoid probabilities per region, or softmax probabilities per class
+            (background first).
+        threshold: sigmoid: one threshold per region; ignored for softmax (argmax).
+
+    Returns:
+        Boolean ``(R, *spatial)``: ``R = C_out`` (sigmoid) or ``C_out - 1`` (softmax, background dropped).
+    """
+    if mode == "sigmoid":
+        cut = torch.as_tensor(list(threshold), dtype=probs.dtype).view(-1, *([1] * (probs.ndim - 1)))
+        return (probs.cpu() > cut).numpy()
+    index = probs.argmax(dim=0).cpu().numpy()  # (*spatial)
+    return np.stack([index == c for c in range(1, probs.shape[0])])
+
+
+def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: float, connectivity: int = 26) -> np.ndarray:
+    """Probabilities to the final binary masks of ``point``: threshold (or argmax), then small components removed.
+
+    Args:
+        probs: ``(C_out, *spatial)`` probabilities (see :func:`foreground_masks`).
+        point: the operating point, one entry per region/class.
+        voxel_mm3: the volume of one voxel of ``probs``' grid, to turn ``min_component_mm3`` into voxels.
+
+    Returns:
+        Boolean ``(R, *spatial)``.
+    """
+    masks = foreground_masks(probs, mode, point.threshold)
+    if len(point.names) != masks.shape[0]:
+        raise ValueError(f"expected an operating point for {masks.shape[0]} regions, got one for {list(point.names)}")
+    return np.stack([remove_small_components(m, size / voxel_mm3, connectivity) for m, size in zip(masks, point.min_component_mm3)])
+
+
+def probabilities(logits: Tensor, mode: str) -> Tensor:
+    """Sigmoid or softmax (over channels) probabilities, float32, of logits ``(B, C, *spatial)``."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if mode == "sigmoid" else torch.softmax(logits, dim=1)

@@ -1,0 +1,151 @@
+"""The operating-point sweep against lesion_metrics on post-processed masks, the choice, and the train ->
+checkpoint -> predict round trip of the tuned point."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medseg.checkpoint_io import AtomicCheckpointIO
+from medseg.metrics.lesion import lesion_metrics
+from medseg.metrics.operating_point import OperatingPointSweep, choose_operating_point, sweep_case
+from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, postprocess
+
+THRESHOLDS = (0.3, 0.5, 0.7)
+SIZES = (0.0, 6.0, 20.0, 60.0)
+EDGES = (10.0, 50.0)
+
+
+def random_case(seed: int, regions: int = 2, shape=(24, 20, 16)):
+    """Smooth random probabilities (blobs of many sizes) and a reference of random blobs, per region."""
+    rng = np.random.default_rng(seed)
+    probs = np.stack([ndimage.gaussian_filter(rng.random(shape), 1.2) for _ in range(regions)])
+    probs = (probs - probs.min()) / (np.ptp(probs) + 1e-9)  # (R, *shape) in [0, 1]
+    target = np.stack([ndimage.gaussian_filter(rng.random(shape), 1.0) > 0.56 for _ in range(regions)])
+    return torch.from_numpy(probs).float(), target
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sweep_counts_equal_lesion_metrics_of_the_postprocessed_mask(seed):
+    probs, target = random_case(seed)
+    spacing = (1.0, 1.5, 2.0)  # 3 mm^3 voxels: sizes are volumes, not voxel counts
+    counts = sweep_case(probs, target, "sigmoid", spacing, THRESHOLDS, SIZES, 26, EDGES)
+    assert counts.shape[:3] == (2, len(THRESHOLDS), len(SIZES))
+    checked = 0
+    for i, t in enumerate(THRESHOLDS):
+        for j, m in enumerate(SIZES):
+            point = OperatingPoint(("a", "b"), (t, t), (m, m))
+            masks = postprocess(probs, "sigmoid", point, voxel_mm3=3.0)
+            for r in range(2):
+                ref = lesion_metrics(masks[r], target[r], spacing, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), dilation_mm=0.0)
+                tp = (masks[r] & target[r]).sum()
+                dice = 2 * tp / (masks[r].sum() + target[r].sum())
+                got = dict(zip(("dice", "tp", "pred", "ref", "n_ref", "detected", "n_pred", "fp"), counts[r, i, j, :8]))
+                assert got["dice"] == pytest.approx(dice)
+                assert (got["n_ref"], got["detected"], got["n_pred"], got["fp"]) == (ref["n_ref_lesions"], ref["detected"], ref["n_pred_lesions"], ref["false_positives"])
+                assert list(counts[r, i, j, 8::2]) == [ref[f"detected_{b}"] for b in ("tiny", "small", "big")]
+                checked += ref["n_pred_lesions"] > 0
+    assert checked > 10  # the grid is not all empty predictions
+
+
+def test_softmax_sweep_uses_the_argmax_once():
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(ndimage.gaussian_filter(rng.standard_normal((3, 16, 16, 16)), (0, 1.5, 1.5, 1.5)) * 8)
+    probs = torch.softmax(logits, 0).float()
+    target = np.stack([ndimage.gaussian_filter(rng.random((16, 16, 16)), 1.0) > 0.55 for _ in range(2)])
+    counts = sweep_case(probs, target, "softmax", (1, 1, 1), THRESHOLDS, SIZES, 26)
+    assert counts.shape[1] == 1
+    for j, m in enumerate(SIZES):
+        masks = postprocess(probs, "softmax", OperatingPoint(("x", "y"), (0.5, 0.5), (m, m)), 1.0)
+        for r in range(2):
+            ref = lesion_metrics(masks[r], target[r], size_buckets_mm3=(), bucket_names=("all",), dilation_mm=0.0)
+            assert (counts[r, 0, j, 5], counts[r, 0, j, 7]) == (ref["detected"], ref["false_positives"])
+
+
+def test_metric_pools_cases_and_chooses_the_best_point():
+    sweep = OperatingPointSweep(("a", "b"), "sigmoid", THRESHOLDS, SIZES, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"))
+    cases = [random_case(s) for s in (10, 11, 12)]
+    for probs, target in cases:
+        sweep.update(probs[None], torch.from_numpy(target)[None], torch.tensor([[1.0, 1.0, 1.0]]))
+    scores = sweep.compute()
+    for criterion in ("dice", "lesion_f1"):
+        point = sweep.choose(criterion)
+        for r, name in enumerate(("a", "b")):
+            i, j = THRESHOLDS.index(point.threshold[r]), SIZES.index(point.min_component_mm3[r])
+            assert scores[criterion][r, i, j] == pytest.approx(scores[criterion][r].max().item())
+            assert point.score[r] == pytest.approx(scores[criterion][r].max().item())
+    # pooled F1 from the per-case lesion metrics at one grid point
+    n_ref = detected = n_pred = fp = 0
+    for probs, target in cases:
+        masks = postprocess(probs, "sigmoid", OperatingPoint(("a", "b"), (0.5, 0.5), (20.0, 20.0)), 1.0)
+        ref = lesion_metrics(masks[0], target[0], dilation_mm=0.0)
+        n_ref, detected, n_pred, fp = n_ref + ref["n_ref_lesions"], detected + ref["detected"], n_pred + ref["n_pred_lesions"], fp + ref["false_positives"]
+    precision, recall = (n_pred - fp) / n_pred, detected / n_ref
+    assert scores["lesion_f1"][0, 1, 2].item() == pytest.approx(2 * precision * recall / (precision + recall))
+    rows = sweep.table()
+    assert len(rows) == 2 * len(THRESHOLDS) * len(SIZES) and {"lesion_recall_tiny", "fp_per_case", "lesion_f1"} <= set(rows[0])
+
+
+def test_ties_go_to_the_default_point_and_bad_criteria_fail():
+    flat = np.ones((1, 3, 4))
+    point = choose_operating_point(flat, "dice", ["r"], THRESHOLDS, SIZES)
+    assert (point.threshold, point.min_component_mm3) == ((0.5,), (0.0,))
+    with pytest.raises(ValueError, match="criterion"):
+        choose_operating_point(flat, "accuracy", ["r"], THRESHOLDS, SIZES)
+
+
+def test_operating_point_round_trip_and_validation():
+    point = OperatingPoint(("wt", "tc"), (0.4, 0.6), (10.0, 0.0), "lesion_f1", (0.5, 0.7))
+    assert OperatingPoint.from_dict(json.loads(json.dumps(point.to_dict()))) == point
+    assert point.with_overrides(threshold=0.3) == OperatingPoint(("wt", "tc"), (0.3, 0.3), (10.0, 0.0))
+    with pytest.raises(ValueError, match="thresholds in"):
+        OperatingPoint(("a",), (1.0,), (0.0,))
+    with pytest.raises(ValueError, match="one threshold"):
+        OperatingPoint(("a", "b"), (0.5,), (0.0, 0.0))
+
+
+@pytest.mark.slow
+def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_path):
+    from test_train import tiny_run
+
+    from medseg.predict import load_model, predict
+    from medseg.config import compose
+    from medseg.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_run(
+        brats_tree, run, "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=4", "model.operating_point.criterion=lesion_f1",
+        "model.operating_point.thresholds=[0.2,0.5,0.8]", "model.operating_point.min_component_mm3=[0,100,1000]",
+    )
+    metrics = train(cfg)
+    chosen = json.loads((run / "operating_point.json").read_text())
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["operating_point"]["regions"] == chosen["regions"] and chosen["criterion"] == "lesion_f1"
+    sweep = list(csv.DictReader((run / "operating_point_sweep.csv").open()))
+    assert len(sweep) == 3 * 3 * 3  # regions x thresholds x sizes
+    before = summary["before_postprocessing"]
+    for region, values in chosen["regions"].items():
+        best = max(float(r["lesion_f1"]) for r in sweep if r["region"] == region)
+        assert values["score"] == pytest.approx(best)
+        default = next(float(r["lesion_f1"]) for r in sweep if r["region"] == region and float(r["threshold"]) == 0.5 and float(r["min_component_mm3"]) == 0)
+        assert before[f"test/lesion_f1_{region}"] == pytest.approx(default)  # pass 1 = the untuned point
+        assert metrics[f"test/lesion_f1_{region}"] == pytest.approx(best)  # pass 2 = the chosen point
+    assert (run / "test_cases_before_postprocessing.csv").is_file()
+    checkpoint = AtomicCheckpointIO().load_checkpoint(summary["checkpoint"])
+    assert checkpoint[CHECKPOINT_KEY]["regions"] == chosen["regions"]
+    model, _ = load_model(summary["checkpoint"])
+    assert model.postprocessing == OperatingPoint.from_dict(chosen)
+
+    case = sorted(p for p in brats_tree.iterdir() if p.is_dir())[0]
+    common = [f"ckpt_path={summary['checkpoint']}", f"input={case}"]
+    predict(compose("predict", [*common, f"output={tmp_path / 'tuned'}"]))
+    options = json.loads((tmp_path / "tuned" / "predictions.json").read_text())["options"]
+    assert options["operating_point"]["regions"] == chosen["regions"]
+    predict(compose("predict", [*common, f"output={tmp_path / 'overridden'}", "threshold=0.5", "min_component_mm3=0"]))
+    options = json.loads((tmp_path / "overridden" / "predictions.json").read_text())["options"]
+    assert {v["threshold"] for v in options["operating_point"]["regions"].values()} == {0.5}
