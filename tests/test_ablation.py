@@ -128,7 +128,7 @@ def test_loss_overrides_make_variants_and_one_seed_has_no_std(tmp_path):
     summary = aggregate([root], tmp_path / "out")
     assert [(r["variant"], r["n_seeds"], r["folds"]) for r in summary] == [("focal_dice loss.gamma=3", 1, ""), ("focal_dice", 1, "")]
     assert summary[0]["recall_small_mean"] == 0.5 and math.isnan(summary[0]["recall_small_std"])
-    assert "| `focal_dice loss.gamma=3` | 1 | 0.400 | 0.667 | 0.500 | 1.000 | 3.000 | 0.400 |" in (tmp_path / "out" / "ablation.md").read_text()
+    assert "| `focal_dice loss.gamma=3` | 1 | 0.400 | 0.667 | 0.500 | 1.000 | 0.400 | 0.500 | 3.000 | 3.000 |" in (tmp_path / "out" / "ablation.md").read_text()
 
 
 def test_several_folders_pool_and_default_output(tmp_path):
