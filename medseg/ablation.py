@@ -5,7 +5,8 @@ cross-validation) fold, each job folder holding ``.hydra/hydra.yaml`` (the loss 
 (its command-line overrides), ``config.yaml`` (the resolved config: seed, fold, lesion size buckets) and
 ``test_cases.csv`` (one row per validation case and region, written by ``medseg.train``).
 
-A *variant* is the loss config chosen (``loss=focal_dice_g1``) plus any ``loss.*`` override (``loss.gamma=3``).
+A *variant* is the loss config chosen (``loss=focal_dice_g1``) plus any ``loss.*`` or ``data.augment.*`` override
+(``loss.gamma=3``, ``data.augment.sampling=lesion``).
 For each variant and seed, the validation cases of all its jobs (all folds) are pooled into one estimate:
 
 * ``dice``: voxel Dice, mean over cases;
@@ -43,6 +44,8 @@ from medseg.metrics.lesion import lesion_f1
 from medseg.report import write_csv_atomic
 from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
 
+# Overrides that make a variant (besides the loss config chosen): loss options and patch sampling.
+VARIANT_PREFIXES = ("loss.", "data.augment.")
 # Per-seed scores, in table order; recall_<bucket> columns go after lesion_recall.
 SCORES = ("dice", "lesion_recall", "lesion_precision", "lesion_f1", "lesion_f1_case_mean", "fp_per_case", "fp_per_case_before")
 
@@ -53,7 +56,7 @@ class Job:
 
     Attributes:
         folder: the job folder.
-        variant: loss config name plus ``loss.*`` overrides, e.g. ``focal_dice_g1``.
+        variant: loss config name plus ``loss.*`` / ``data.augment.*`` overrides, e.g. ``focal_dice_g1``.
         seed: the run's global seed.
         fold: the cross-validation fold (``data.fold``), ``None`` for a seeded split.
         buckets: lesion size bucket names; ``edges_mm3`` their edges (``len(buckets) - 1``).
@@ -92,7 +95,7 @@ def read_job(folder: Path) -> Job:
     if missing:
         raise ValueError(f"expected a finished job in {folder}, got no {', '.join(missing)} (failed or still running?)")
     choice = OmegaConf.load(needed[0]).hydra.runtime.choices.get("loss")
-    loss_overrides = [o for o in OmegaConf.load(needed[1]) if str(o).startswith("loss.")]
+    loss_overrides = [o for o in OmegaConf.load(needed[1]) if str(o).startswith(VARIANT_PREFIXES)]
     config = OmegaConf.load(needed[2])
     lesion = config.model.get("lesion_metrics")
     if not lesion:

@@ -125,8 +125,11 @@ def test_loss_overrides_make_variants_and_one_seed_has_no_std(tmp_path):
     root = tmp_path / "multirun"
     fabricate_job(root / "0", "focal_dice", 1, None, [case(0.4, 2, 1, 1, 1, 3)], extra=["loss.gamma=3"])
     fabricate_job(root / "1", "focal_dice", 1, None, [case(0.6, 2, 2, 1, 1, 1)])
+    fabricate_job(root / "2", "focal_dice", 1, None, [case(0.6, 2, 2, 1, 1, 1)], extra=["data.augment.sampling=lesion", "trainer.max_epochs=3"])
     summary = aggregate([root], tmp_path / "out")
-    assert [(r["variant"], r["n_seeds"], r["folds"]) for r in summary] == [("focal_dice loss.gamma=3", 1, ""), ("focal_dice", 1, "")]
+    assert [(r["variant"], r["n_seeds"], r["folds"]) for r in summary] == [
+        ("focal_dice loss.gamma=3", 1, ""), ("focal_dice", 1, ""), ("focal_dice data.augment.sampling=lesion", 1, "")
+    ]  # other overrides (trainer.*) do not make a variant
     assert summary[0]["recall_small_mean"] == 0.5 and math.isnan(summary[0]["recall_small_std"])
     assert "| `focal_dice loss.gamma=3` | 1 | 0.400 | 0.667 | 0.500 | 1.000 | 0.400 | 0.500 | 3.000 | 3.000 |" in (tmp_path / "out" / "ablation.md").read_text()
 

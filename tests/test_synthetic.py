@@ -300,6 +300,10 @@ def test_satellite_count_is_drawn_in_the_range():
         ({"satellite_radius_mm": (3.0, 1.0)}, "expected satellite_radius_mm"),
         ({"satellite_radius_mm": (0.0, 1.0)}, "expected satellite_radius_mm"),
         ({"satellite_radius_mm": (1.0, float("inf"))}, "expected satellite_radius_mm"),
+        ({"satellite_contrast": 0.0}, "expected satellite_contrast"),
+        ({"satellite_contrast": 1.5}, "expected satellite_contrast"),
+        ({"confluent": (2, 1)}, "expected confluent"),
+        ({"confluent_radius_mm": (0.0, 4.0)}, "expected confluent_radius_mm"),
     ],
 )
 def test_bad_satellite_options(tmp_path, kwargs, message):
@@ -308,6 +312,32 @@ def test_bad_satellite_options(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_dataset(tmp_path / "out", 1, **SMALL, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_faint_satellites_keep_their_geometry_and_lose_contrast():
+    """satellite_contrast changes only the satellites' intensities (same random draws, same labels), towards the
+    tissue they lie in; the glioma and everything else are untouched."""
+    full = generate_case(np.random.default_rng(7), **SMALL, satellites=(6, 6))
+    faint = generate_case(np.random.default_rng(7), **SMALL, satellites=(6, 6), satellite_contrast=0.3)
+    np.testing.assert_array_equal(full.label, faint.label)
+    components, n = cc3d.connected_components(full.label > 0, connectivity=26, return_N=True)
+    glioma = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+    satellites = (full.label > 0) & ~glioma
+    for contrast in ("t1ce", "flair"):
+        np.testing.assert_array_equal(full.images[contrast][~satellites], faint.images[contrast][~satellites])
+        healthy = (full.tissue >= 2) & (full.label == 0)
+        tissue_mean = full.images[contrast][healthy].mean()
+        gap_full = abs(full.images[contrast][satellites].mean() - tissue_mean)
+        gap_faint = abs(faint.images[contrast][satellites].mean() - tissue_mean)
+        assert gap_faint < 0.6 * gap_full, contrast
+
+
+def test_confluent_lesions_are_large_separate_components():
+    plain = generate_case(np.random.default_rng(3), **SMALL, satellites=(4, 4))
+    case = generate_case(np.random.default_rng(3), **SMALL, satellites=(4, 4), confluent=(2, 2), confluent_radius_mm=(8.0, 10.0))
+    sizes = lambda c: sorted(np.bincount(cc3d.connected_components(c.label > 0, connectivity=26).ravel())[1:].tolist())
+    assert len(sizes(case)) == len(sizes(plain)) + 2
+    assert sorted(sizes(case))[-3] > max(SATELLITE_VOXELS[1], sorted(sizes(plain))[-2])  # two big ones besides the glioma
 
 
 def test_satellite_options_are_part_of_the_manifest(tmp_path):

@@ -47,6 +47,9 @@ _BRAIN_JITTER, _BRAIN_DEFORM, _BRAIN_OFFSET_MM = 0.05, 0.07, 2.0
 _EGG_MAX = np.array([1.09, 1.0, 1.0])  # largest widening of the frontal lobes along R-L
 SATELLITES = (3, 8)  # default (min, max) number of satellite lesions per case
 SATELLITE_RADIUS_MM = (1.0, 4.0)  # default (min, max) satellite ET semi-axis at full scale (see _add_satellites)
+SATELLITE_CONTRAST = 1.0  # default fraction of a lesion's intensity difference from its tissue that satellites keep
+CONFLUENT = (0, 0)  # default (min, max) number of large confluent lesions besides the glioma
+CONFLUENT_RADIUS_MM = (6.0, 10.0)  # default (min, max) semi-axis of a confluent lesion's enhancing part, mm
 # Satellite ET semi-axes are kept within these bounds in voxels: below _SAT_MIN_VOXELS a lesion is a single
 # voxel or vanishes; above _SAT_MAX_VOXELS it outgrows SATELLITE_VOXELS; the largest semi-axis of a case is
 # at least _SAT_SPAN_VOXELS so that each case spans small to larger lesions even on coarse grids.
@@ -89,6 +92,9 @@ def generate_case(
     *,
     satellites: Sequence[int] = SATELLITES,
     satellite_radius_mm: Sequence[float] = SATELLITE_RADIUS_MM,
+    satellite_contrast: float = SATELLITE_CONTRAST,
+    confluent: Sequence[int] = CONFLUENT,
+    confluent_radius_mm: Sequence[float] = CONFLUENT_RADIUS_MM,
 ) -> SyntheticCase:
     """Generate one synthetic multi-contrast case with a glioma and small satellite lesions.
 
@@ -102,6 +108,13 @@ def generate_case(
             scale (the anatomy shrinks with a small field of view, and so do the lesions), drawn
             log-uniformly and stratified, so each case spans the range. In voxels, semi-axes are kept
             within [1.2, 4], the largest at least 2.5; a satellite may get a one-voxel oedema rim.
+        satellite_contrast: in (0, 1]: the fraction of a lesion's mean intensity difference from the tissue
+            it lies in that satellites keep in every contrast (1: as the glioma's ET/ED; 0.3: faint lesions,
+            as small MS lesions are against white matter).
+        confluent: (min, max) number of large confluent lesions (ET with an oedema rim, full contrast, not
+            clipped to the satellite size range) drawn before the satellites, like the confluent
+            periventricular lesions of an MS scan; 0 by default.
+        confluent_radius_mm: (min, max) semi-axis of their enhancing part in mm at full scale.
 
     Returns:
         A SyntheticCase whose arrays all have shape (X, Y, Z).
@@ -114,6 +127,7 @@ def generate_case(
         raise TypeError(f"expected rng to be a numpy.random.Generator, got {type(rng).__name__}")
     shape, spacing = _check_geometry(shape, spacing)
     satellites, satellite_radius_mm = _check_satellites(satellites, satellite_radius_mm)
+    satellite_contrast, confluent, confluent_radius_mm = _check_lesion_options(satellite_contrast, confluent, confluent_radius_mm)
     sp = np.asarray(spacing)
     s = _anatomy_scale(shape, sp)
     semi = (_BRAIN_SEMI_AXES_MM * s * rng.uniform(1 - _BRAIN_JITTER, 1 + _BRAIN_JITTER, 3)).astype(np.float32)
@@ -127,8 +141,11 @@ def generate_case(
     tissue = _tissues(rng, rho, semi, centre, sp, s)  # (bx, by, bz) uint8
     label = np.zeros(box_shape, np.uint8)  # (bx, by, bz)
     _add_glioma(rng, label, tissue, rho, sp, s)
-    _add_satellites(rng, label, tissue, rho, sp, s, satellites, satellite_radius_mm)
-    images = {name: _embed(img, head, shape) for name, img in _render(rng, tissue, label, sp, s).items()}
+    if confluent[1] > 0:  # only then: the default draws exactly the random numbers it always drew
+        _add_confluent(rng, label, tissue, rho, sp, s, confluent, confluent_radius_mm)
+    satellite = np.zeros(box_shape, bool)  # (bx, by, bz): voxels of satellite lesions
+    _add_satellites(rng, label, tissue, rho, sp, s, satellites, satellite_radius_mm, satellite)
+    images = {name: _embed(img, head, shape) for name, img in _render(rng, tissue, label, sp, s, satellite, satellite_contrast).items()}
     label, tissue = _embed(label, head, shape), _embed(tissue, head, shape)  # (X, Y, Z)
     return SyntheticCase(images=images, label=label, affine=_affine(shape, sp), tissue=tissue)
 
@@ -187,6 +204,9 @@ def generate_dataset(
     *,
     satellites: Sequence[int] = SATELLITES,
     satellite_radius_mm: Sequence[float] = SATELLITE_RADIUS_MM,
+    satellite_contrast: float = SATELLITE_CONTRAST,
+    confluent: Sequence[int] = CONFLUENT,
+    confluent_radius_mm: Sequence[float] = CONFLUENT_RADIUS_MM,
     progress: bool = False,
 ) -> list[Path]:
     """Generate (or reuse) a dataset of cases ``SYN-0000``, ``SYN-0001``, ... in ``out_dir``.
@@ -203,8 +223,8 @@ def generate_dataset(
         shape: (X, Y, Z) voxels per case, each >= 32.
         spacing: (SX, SY, SZ) voxel size in mm, each > 0.
         seed: non-negative dataset seed.
-        satellites, satellite_radius_mm: number and size range of the satellite lesions (see
-            :func:`generate_case`).
+        satellites, satellite_radius_mm, satellite_contrast, confluent, confluent_radius_mm: the lesions
+            besides the glioma (see :func:`generate_case`).
         progress: show a tqdm progress bar over the cases being generated.
 
     Returns:
@@ -219,6 +239,7 @@ def generate_dataset(
         raise ValueError(f"expected seed to be an integer >= 0, got {seed!r}")
     shape, spacing = _check_geometry(shape, spacing)
     satellites, satellite_radius_mm = _check_satellites(satellites, satellite_radius_mm)
+    satellite_contrast, confluent, confluent_radius_mm = _check_lesion_options(satellite_contrast, confluent, confluent_radius_mm)
     out = Path(out_dir)
     params = {
         "generator": "medseg.data.synthetic",  # not __name__: "__main__" from the CLI
@@ -229,6 +250,9 @@ def generate_dataset(
         "n_cases": int(n_cases),
         "satellites": list(satellites),
         "satellite_radius_mm": list(satellite_radius_mm),
+        "satellite_contrast": satellite_contrast,
+        "confluent": list(confluent),
+        "confluent_radius_mm": list(confluent_radius_mm),
     }
     ids = [f"SYN-{i:04d}" for i in range(n_cases)]
     manifest, partial = out / MANIFEST_NAME, out / _PARTIAL_NAME
@@ -247,6 +271,9 @@ def generate_dataset(
             spacing,
             satellites=satellites,
             satellite_radius_mm=satellite_radius_mm,
+            satellite_contrast=satellite_contrast,
+            confluent=confluent,
+            confluent_radius_mm=confluent_radius_mm,
         )
         write_case(case, out, ids[i])
     if not manifest.exists():
@@ -286,11 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("--satellites", int, SATELLITES, "number of satellite lesions per case, drawn in [MIN, MAX]"),
         ("--satellite-radius-mm", float, SATELLITE_RADIUS_MM, "semi-axis range of the satellites' enhancing "
          "part in mm at full scale, kept within 1.2-4 voxels"),
+        ("--confluent", int, CONFLUENT, "number of large confluent lesions per case, drawn in [MIN, MAX]"),
+        ("--confluent-radius-mm", float, CONFLUENT_RADIUS_MM, "semi-axis range of the confluent lesions' enhancing part in mm"),
     ]  # fmt: skip
     for flag, kind, default, text in satellite_options:
         parser.add_argument(
             flag, type=kind, nargs=2, default=list(default), metavar=("MIN", "MAX"), help=f"{text} (default: %(default)s)"
         )
+    parser.add_argument("--satellite-contrast", type=float, default=SATELLITE_CONTRAST, help="fraction of the lesion-tissue intensity difference satellites keep, in (0, 1] (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         cases = generate_dataset(
@@ -301,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             satellites=args.satellites,
             satellite_radius_mm=args.satellite_radius_mm,
+            satellite_contrast=args.satellite_contrast,
+            confluent=args.confluent,
+            confluent_radius_mm=args.confluent_radius_mm,
             progress=True,
         )
     except ValueError as err:
@@ -395,9 +428,18 @@ def _add_glioma(rng, label, tissue, rho, spacing, s) -> None:
     label[sl] = sub
 
 
-def _add_satellites(rng, label, tissue, rho, spacing, s, count, radius_mm) -> None:
+def _add_confluent(rng, label, tissue, rho, spacing, s, count, radius_mm) -> None:
+    """Add ``count`` (min, max) large lesions (ET with an oedema rim, bent blobs) apart from all lesions."""
+    free = (rho < 0.8) & (tissue >= GM) & (label == 0)
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        semi = np.maximum(rng.uniform(*radius_mm) * s * rng.uniform(0.7, 1.3, 3), 2 * spacing)  # (3,) mm
+        _place_satellite(rng, label, tissue, free, semi, True, spacing, rim_probability=1.0)
+
+
+def _add_satellites(rng, label, tissue, rho, spacing, s, count, radius_mm, satellite=None) -> None:
     """Add ``count`` (min, max) enhancing satellites (some with an oedema rim) to ``label``, apart from
-    all lesions, with ET semi-axes in ``radius_mm`` (min, max) at full scale."""
+    all lesions, with ET semi-axes in ``radius_mm`` (min, max) at full scale; their voxels are marked in
+    ``satellite`` (bool, like ``label``) when given."""
     n_sat = int(rng.integers(count[0], count[1] + 1))
     # ET semi-axes in voxels, log-uniform and stratified so each case spans small to large: the
     # physical range is floored so lesions stay visible on coarse grids and capped so voxel counts
@@ -408,18 +450,18 @@ def _add_satellites(rng, label, tissue, rho, spacing, s, count, radius_mm) -> No
     free = (rho < 0.85) & (tissue >= GM) & (label == 0)
     placed = 0
     for u in quantiles[::-1]:  # the large ones first, while there is room
-        placed += _place_satellite(rng, label, tissue, free, lo * (hi / lo) ** u * spacing, u > 0.4, spacing)
+        placed += _place_satellite(rng, label, tissue, free, lo * (hi / lo) ** u * spacing, u > 0.4, spacing, satellite)
     for _ in range(max(0, count[0] - placed)):  # crowded (tiny or very anisotropic volume): smallest ones
-        placed += _place_satellite(rng, label, tissue, free, lo * spacing, False, spacing)
+        placed += _place_satellite(rng, label, tissue, free, lo * spacing, False, spacing, satellite)
     if placed < count[0]:
         raise RuntimeError(
             f"expected room for >= {count[0]} satellite lesions, got {placed}; use a larger shape or fewer satellites"
         )
 
 
-def _place_satellite(rng, label, tissue, free, semi_et, may_have_rim, spacing) -> bool:
+def _place_satellite(rng, label, tissue, free, semi_et, may_have_rim, spacing, satellite=None, rim_probability=0.6) -> bool:
     """Try to draw one satellite with ET semi-axes ``semi_et`` (3,) mm; False if no room was found."""
-    rim = may_have_rim and rng.random() < 0.6  # a one-voxel oedema rim on some of the larger ones
+    rim = may_have_rim and rng.random() < rim_probability  # a one-voxel oedema rim on some of the larger ones
     semi_out = semi_et + (spacing if rim else 0.0)
     amp = 0.12
     for _ in range(100):
@@ -433,6 +475,8 @@ def _place_satellite(rng, label, tissue, free, semi_et, may_have_rim, spacing) -
             continue  # must lie inside the brain and not touch another lesion (26-connectivity)
         label[sl][out & ~et] = ED
         label[sl][et] = ET
+        if satellite is not None:
+            satellite[sl][out] = True
         return True
     return False
 
@@ -440,18 +484,23 @@ def _place_satellite(rng, label, tissue, free, semi_et, may_have_rim, spacing) -
 # ----------------------------------------------------------------------------- images
 
 
-def _render(rng, tissue, label, spacing, s) -> dict[str, np.ndarray]:
-    """Per-contrast images (X, Y, Z) float32: class means, texture, bias field, Rician noise, scale."""
+def _render(rng, tissue, label, spacing, s, satellite=None, satellite_contrast=1.0) -> dict[str, np.ndarray]:
+    """Per-contrast images (X, Y, Z) float32: class means, texture, bias field, Rician noise, scale.
+    Satellite voxels keep ``satellite_contrast`` of their class's mean difference from the tissue below."""
     brain = tissue > 0
-    cls = tissue[brain]  # (N,) classes of the brain voxels
+    base = tissue[brain]  # (N,) tissue classes of the brain voxels
     lesion = label[brain]
-    cls = np.where(lesion > 0, _CLASS_OF_LABEL[lesion], cls)
+    cls = np.where(lesion > 0, _CLASS_OF_LABEL[lesion], base)
+    faint = satellite[brain] if satellite is not None and satellite_contrast < 1 else None  # (N,) bool
     texture = 1 + _TEXTURE[cls] * _smooth_noise(rng, tissue.shape, 4 * s, spacing)[brain]  # (N,)
     images = {}
     for contrast in CONTRASTS:
         means = np.asarray(_MEANS[contrast], np.float32)
         bias = np.exp(_BIAS * _smooth_noise(rng, tissue.shape, 80 * s, spacing)[brain])  # (N,)
-        signal = means[cls] * texture * bias
+        mean = means[cls]
+        if faint is not None:
+            mean = np.where(faint, means[base] + np.float32(satellite_contrast) * (means[cls] - means[base]), mean)
+        signal = mean * texture * bias
         real, imag = rng.standard_normal((2, cls.size), dtype=np.float32) * (_NOISE * means[1:4].mean())
         volume = np.zeros(tissue.shape, np.float32)  # (X, Y, Z)
         volume[brain] = np.sqrt((signal + real) ** 2 + imag**2) * rng.uniform(200, 1500)
@@ -578,6 +627,17 @@ def _check_satellites(
     return (int(count[0]), int(count[1])), (float(radius[0]), float(radius[1]))
 
 
+def _check_lesion_options(contrast: float, confluent: Sequence[int], radius_mm: Sequence[float]) -> tuple[float, tuple[int, int], tuple[float, float]]:
+    """Validated (satellite_contrast, confluent, confluent_radius_mm)."""
+    if isinstance(contrast, bool) or not isinstance(contrast, (int, float, np.number)) or not (0 < contrast <= 1):
+        raise ValueError(f"expected satellite_contrast in (0, 1], got {contrast!r}")
+    try:
+        count, radius = _check_satellites(confluent, radius_mm)
+    except ValueError as err:
+        raise ValueError(str(err).replace("satellites", "confluent").replace("satellite_radius_mm", "confluent_radius_mm")) from None
+    return float(contrast), count, radius
+
+
 def _check_geometry(
     shape: Sequence[int], spacing: Sequence[float]
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -602,7 +662,11 @@ def _with_defaults(found: Any) -> Any:
     """Manifest parameters, with the satellite options that manifests written before they existed lacked."""
     if not isinstance(found, dict):
         return found
-    return {"satellites": list(SATELLITES), "satellite_radius_mm": list(SATELLITE_RADIUS_MM), **found}
+    defaults = {
+        "satellites": list(SATELLITES), "satellite_radius_mm": list(SATELLITE_RADIUS_MM), "satellite_contrast": SATELLITE_CONTRAST,
+        "confluent": list(CONFLUENT), "confluent_radius_mm": list(CONFLUENT_RADIUS_MM),
+    }  # fmt: skip
+    return {**defaults, **found}
 
 
 def _check_same_params(found: Any, expected: dict, manifest: Path) -> None:
