@@ -105,10 +105,14 @@ def evaluate_on_validation(cfg: DictConfig, trainer: L.Trainer, model: Segmentat
 
 @rank_zero_only
 def save_operating_point(cfg: DictConfig, point: Any, table: list[dict[str, Any]], checkpoint: str) -> None:
-    """``operating_point.json`` and ``operating_point_sweep.csv`` in the run folder; the point into ``checkpoint``."""
+    """``operating_point.json``, ``operating_point_sweep.csv`` and ``.png`` in the run folder; the point into
+    ``checkpoint``."""
     out = Path(cfg.paths.output_dir)
     write_json_atomic(out / "operating_point.json", {"checkpoint": checkpoint, **point.to_dict()})
     write_csv_atomic(table, out / "operating_point_sweep.csv")
+    from medseg.viz import plot_operating_point, save_figure  # matplotlib only when there is a sweep to draw
+
+    save_figure(plot_operating_point(table, point.to_dict()["regions"], point.criterion), out / "operating_point_sweep.png")
     if checkpoint:
         update_checkpoint(checkpoint, CHECKPOINT_KEY, point.to_dict())
     chosen = ", ".join(f"{n}: threshold {t:g}, min component {m:g} mm^3" for n, t, m in zip(point.names, point.threshold, point.min_component_mm3))

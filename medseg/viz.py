@@ -115,6 +115,40 @@ def plot_recall_by_size(
     return fig
 
 
+def plot_operating_point(rows: Sequence[Row], chosen: Mapping[str, Mapping[str, float]], criterion: str) -> Figure:
+    """The operating-point sweep: per region, the criterion and the small-lesion recall against the threshold,
+    one line per minimum component size, the chosen pair circled.
+
+    Args:
+        rows: rows of ``operating_point_sweep.csv`` (``region``, ``threshold``, ``min_component_mm3``, scores).
+        chosen: ``{region: {"threshold": t, "min_component_mm3": m}}`` (``operating_point.json``'s ``regions``).
+        criterion: the score column that was maximised (``dice``, ``lesion_f1``).
+    """
+    regions = list(dict.fromkeys(r["region"] for r in rows))
+    recall_keys = [k for k in rows[0] if k.startswith("lesion_recall_")] if rows else []
+    panels = [criterion, *recall_keys[:1], "fp_per_case"]
+    fig, axes = plt.subplots(len(regions), len(panels), figsize=(4.2 * len(panels), 3.2 * len(regions)), squeeze=False)
+    for row_axes, region in zip(axes, regions):
+        subset = [r for r in rows if r["region"] == region]
+        sizes = list(dict.fromkeys(float(r["min_component_mm3"]) for r in subset))
+        for ax, score in zip(row_axes, panels):
+            for size in sizes:
+                line = sorted((float(r["threshold"]), float(r[score])) for r in subset if float(r["min_component_mm3"]) == size)
+                ax.plot(*zip(*line), marker="o", markersize=3, linewidth=1.1, label=f">= {size:g} mm³")
+            pick = chosen.get(region)
+            if pick:
+                value = next(float(r[score]) for r in subset if float(r["threshold"]) == pick["threshold"] and float(r["min_component_mm3"]) == pick["min_component_mm3"])
+                ax.plot([pick["threshold"]], [value], "o", markersize=11, markerfacecolor="none", markeredgecolor="black")
+            ax.set_xlabel("threshold")
+            ax.set_title(f"{region}: {score}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if score == "fp_per_case":
+                ax.set_yscale("symlog")
+    axes[0][0].legend(fontsize=7, title="kept components", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure as PNG atomically (temporary file, then rename) and close it."""
     path = Path(path)

@@ -135,7 +135,7 @@ def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_
         default = next(float(r["lesion_f1"]) for r in sweep if r["region"] == region and float(r["threshold"]) == 0.5 and float(r["min_component_mm3"]) == 0)
         assert before[f"test/lesion_f1_{region}"] == pytest.approx(default)  # pass 1 = the untuned point
         assert metrics[f"test/lesion_f1_{region}"] == pytest.approx(best)  # pass 2 = the chosen point
-    assert (run / "test_cases_before_postprocessing.csv").is_file()
+    assert (run / "test_cases_before_postprocessing.csv").is_file() and (run / "operating_point_sweep.png").stat().st_size > 0
     checkpoint = AtomicCheckpointIO().load_checkpoint(summary["checkpoint"])
     assert checkpoint[CHECKPOINT_KEY]["regions"] == chosen["regions"]
     model, _ = load_model(summary["checkpoint"])
