@@ -84,8 +84,9 @@ def job_folders(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in p.relative_to(folder).parts])
 
 
-def read_job(folder: Path) -> Job:
-    """A job folder's variant, seed, fold, lesion buckets and per-case rows.
+def read_job(folder: Path, before_postprocessing: bool = False) -> Job:
+    """A job folder's variant, seed, fold, lesion buckets and per-case rows (with ``before_postprocessing``,
+    the rows of the untuned operating point where the job has them, as if they were its final ones).
 
     Raises:
         ValueError: when a file is missing (an unfinished job), naming it.
@@ -100,6 +101,8 @@ def read_job(folder: Path) -> Job:
     lesion = config.model.get("lesion_metrics")
     if not lesion:
         raise ValueError(f"expected lesion metrics in {needed[2]} (model.lesion_metrics), got none: lesion recall cannot be aggregated")
+    rows_before = read_rows(before) if (before := folder / "test_cases_before_postprocessing.csv").is_file() else None
+    rows = read_rows(needed[3]) if not (before_postprocessing and rows_before is not None) else rows_before
     return Job(
         folder=folder,
         variant=" ".join([str(choice), *map(str, loss_overrides)]),
@@ -107,8 +110,8 @@ def read_job(folder: Path) -> Job:
         fold=config.data.get("fold"),
         buckets=tuple(str(b) for b in lesion.bucket_names),
         edges_mm3=tuple(float(e) for e in lesion.size_buckets_mm3),
-        rows=read_rows(needed[3]),
-        rows_before=read_rows(before) if (before := folder / "test_cases_before_postprocessing.csv").is_file() else None,
+        rows=rows,
+        rows_before=rows_before,
     )
 
 
@@ -270,10 +273,11 @@ def plot_recall_vs_size(summary: Sequence[dict[str, Any]], buckets: Sequence[str
     return fig
 
 
-def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_fold: bool = False) -> list[dict[str, Any]]:
+def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_fold: bool = False, before_postprocessing: bool = False) -> list[dict[str, Any]]:
     """Read every finished job under ``folders`` and write the CSVs, the markdown table and the plot.
 
-    With ``per_fold``, each cross-validation fold gets its own rows instead of being pooled (see :func:`per_seed`).
+    With ``per_fold``, each cross-validation fold gets its own rows instead of being pooled (see :func:`per_seed`);
+    with ``before_postprocessing``, the jobs' untuned operating point (threshold 0.5, no size filter) is scored.
 
     Returns:
         The summary rows (one per variant and region).
@@ -285,7 +289,7 @@ def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_
     for folder in folders:
         for job_folder in job_folders(folder):
             try:
-                jobs.append(read_job(job_folder))
+                jobs.append(read_job(job_folder, before_postprocessing))
             except ValueError as err:
                 skipped.append(str(err))
     for message in skipped:
@@ -318,9 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="multirun folders (or job folders); all their jobs are pooled")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first folder>/ablation)")
     parser.add_argument("--per-fold", action="store_true", help="a row per cross-validation fold instead of pooling the folds")
+    parser.add_argument("--before-postprocessing", action="store_true", help="score the untuned operating point (threshold 0.5, no size filter) of jobs that tuned theirs")
     args = parser.parse_args(argv)
     try:
-        aggregate(args.folders, args.out, args.per_fold)
+        aggregate(args.folders, args.out, args.per_fold, args.before_postprocessing)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

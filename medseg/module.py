@@ -65,6 +65,7 @@ class SegmentationModule(L.LightningModule):
 
     Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
     ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
+    ``val/lesion_f1_<region>``, ``val/lesion_f1_case_mean_<region>``, ``val/fp_per_case_<region>``,
     ``val/lesion_dice_<region>`` (and the same under ``test/``). After a test run, :attr:`case_rows` holds one
     row of per-case metrics (voxel scores, HD95 in mm, lesion metrics) per case and region.
     """

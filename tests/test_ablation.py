@@ -193,3 +193,5 @@ def test_false_positives_before_post_processing(multirun, tmp_path):
     dice, focal = aggregate([multirun], tmp_path / "out")
     assert (dice["fp_per_case_mean"], dice["fp_per_case_before_mean"]) == (pytest.approx(3.0), pytest.approx(13.0))
     assert focal["fp_per_case_before_mean"] == focal["fp_per_case_mean"] == 10.0
+    dice, focal = aggregate([multirun], tmp_path / "untuned", before_postprocessing=True)  # the untuned rows as final
+    assert dice["fp_per_case_mean"] == pytest.approx(13.0) and focal["fp_per_case_mean"] == 10.0
