@@ -289,9 +289,21 @@ def _reference_lesion_metrics(pred, target, spacing, connectivity, edges, dilati
         "lesion_recall": sum(det_counts) / n_ref if n_ref else 1.0,
         "lesion_precision": (n_pred - fp) / n_pred if n_pred else 1.0,
         "lesion_dice": sum(scores) / n_entries if n_entries else 1.0,
+        # F1 from the counts: 2 TP / (2 TP + FN + FP) with TP counted on each side (detected references,
+        # matched predictions), which is 2PR / (P + R) written without the ratios
+        "lesion_f1": _f1_from_counts(sum(det_counts), n_ref, n_pred - fp, n_pred),
         "n_ref_lesions_b": ref_counts,
         "detected_b": det_counts,
     }
+
+
+def _f1_from_counts(detected: int, n_ref: int, matched: int, n_pred: int) -> float:
+    if n_ref == 0 or n_pred == 0:  # a ratio with no denominator takes the empty score (1.0)
+        p = matched / n_pred if n_pred else 1.0
+        r = detected / n_ref if n_ref else 1.0
+        return 2 * p * r / (p + r) if p + r else 0.0
+    # 2PR/(P+R) = 2 d m / (d n_pred + m n_ref)
+    return 2 * detected * matched / (detected * n_pred + matched * n_ref) if detected and matched else 0.0
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -310,7 +322,7 @@ def test_random_blobs_match_reference_implementation(seed):
     for key in ("n_ref_lesions", "n_pred_lesions", "detected", "false_positives", "n_dice_lesions"):
         assert out[key] == ref[key], key
     assert out["n_dice_false_positives"] == ref["n_dice_false_positives"]
-    for key in ("lesion_recall", "lesion_precision", "lesion_dice"):
+    for key in ("lesion_recall", "lesion_precision", "lesion_dice", "lesion_f1"):
         assert out[key] == pytest.approx(ref[key], rel=1e-12), key
     assert [out[f"n_ref_lesions_{n}"] for n in names] == ref["n_ref_lesions_b"]
     assert [out[f"detected_{n}"] for n in names] == ref["detected_b"]
@@ -362,6 +374,9 @@ def test_class_pools_counts_over_cases():
     assert float(out["lesion_dice"]) == pytest.approx(dice_sum / entries, rel=1e-6)
     assert float(out["lesion_dice_case_mean"]) == pytest.approx(np.mean([c["lesion_dice"] for c in per_case]))
     assert float(out["lesion_recall_case_mean"]) == pytest.approx(np.mean([c["lesion_recall"] for c in per_case]))
+    precision, recall = float(out["lesion_precision"]), float(out["lesion_recall"])
+    assert float(out["lesion_f1"]) == pytest.approx(2 * precision * recall / (precision + recall))  # pooled, not a mean
+    assert float(out["lesion_f1_case_mean"]) == pytest.approx(np.mean([c["lesion_f1"] for c in per_case]))
     assert int(out["n_cases"]) == 5
     assert set(per_case[0]) <= set(out)
 
