@@ -40,6 +40,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from medseg.metrics.cases import pooled_detection
 from medseg.metrics.lesion import lesion_f1
 from medseg.report import write_csv_atomic
 from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
@@ -136,23 +137,15 @@ def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence
         reference lesions) and ``n_ref_lesions_<bucket>``.
     """
     subset = [r for r in rows if r["region"] == region]
-    before = [r for r in (rows_before if rows_before is not None else rows) if r["region"] == region]
-
-    def total(column: str, of: Sequence[dict[str, Any]] = subset) -> float:
-        return sum(float(r[column]) for r in of)
-
-    precision = _ratio(total("n_pred_lesions") - total("false_positives"), total("n_pred_lesions"))
-    recall = _ratio(total("detected"), total("n_ref_lesions"))
+    detection = pooled_detection(rows, region)
     scores = {
         "dice": _nanmean([float(r["dice"]) for r in subset]),
-        "lesion_recall": recall,
-        "lesion_precision": precision,
-        "lesion_f1": lesion_f1(precision, recall),
+        **{k: detection[k] for k in ("lesion_recall", "lesion_precision", "lesion_f1")},
         "lesion_f1_case_mean": _nanmean([lesion_f1(*_case_precision_recall(r)) for r in subset]),
-        "fp_per_case": _ratio(total("false_positives"), len(subset)),
-        "fp_per_case_before": _ratio(total("false_positives", before), len(before)),
-        "n_cases": float(len(subset)),
-        "n_ref_lesions": total("n_ref_lesions"),
+        "fp_per_case": detection["fp_per_case"],
+        "fp_per_case_before": pooled_detection(rows_before if rows_before is not None else rows, region)["fp_per_case"],
+        "n_cases": detection["n_cases"],
+        "n_ref_lesions": detection["n_ref_lesions"],
     }
     for bucket, (detected, n_ref) in recall_by_size(subset, buckets)[region].items():
         scores[f"recall_{bucket}"] = _ratio(detected, n_ref)

@@ -3,7 +3,8 @@
 Each ``<pred>/<case>.nii.gz`` is compared with the reference label of the same case (a BraTS tree, an MSD
 task or a folder of label files) in the dataset's label convention (``data.labels``), giving one row per case
 and region: Dice, IoU, recall, precision, HD95 (mm), lesion-wise detection by size. Written to ``output``:
-``evaluation.csv``, ``summary.json`` (means per region, pooled lesion recall by size) and two pictures,
+``evaluation.csv``, ``summary.json`` (means per region, pooled lesion detection: recall, precision, F1, false
+positives per case; recall by size) and two pictures,
 ``dice_per_case.png`` and ``recall_by_lesion_size.png``.
 """
 
@@ -25,7 +26,7 @@ from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.datamodule import write_json_atomic
 from medseg.data.labels import LabelSpec, check_label_values
 from medseg.data.layouts import NIFTI_SUFFIXES, DatasetError, find_label_files
-from medseg.metrics.cases import case_rows, region_means
+from medseg.metrics.cases import case_rows, pooled_detection, region_means
 from medseg.report import write_csv_atomic
 from medseg.viz import plot_case_dice, plot_recall_by_size, recall_by_size, save_figure
 
@@ -101,6 +102,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, spec: LabelSpec, lesion_
     if lesion_options is not None:
         buckets = lesion_options.get("bucket_names", ("small", "medium", "large"))
         pooled = recall_by_size(rows, buckets)
+        summary["lesion_detection"] = {r: pooled_detection(rows, r) for r in spec.names}
         summary["lesion_recall_by_size"] = {r: {b: {"detected": d, "reference": n, "recall": d / n if n else None} for b, (d, n) in v.items()} for r, v in pooled.items()}
         edges = lesion_options.get("size_buckets_mm3", (50.0, 500.0))
         save_figure(plot_recall_by_size(rows, buckets, edges), out / "recall_by_lesion_size.png")

@@ -66,8 +66,14 @@ def test_deleted_lesions_lower_recall_exactly(brats_tree, tmp_path):
         assert row["dice"] < 1.0 and row["precision"] == 1.0
     with open(out / "evaluation.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
-    pooled = json.loads((out / "summary.json").read_text())["lesion_recall_by_size"]["wt"]
+    summary = json.loads((out / "summary.json").read_text())
+    pooled = summary["lesion_recall_by_size"]["wt"]
     assert sum(v["reference"] - v["detected"] for v in pooled.values()) == 2 * 6
+    detection = summary["lesion_detection"]["wt"]  # every predicted component is a kept reference lesion
+    n_ref = sum(r["n_ref_lesions"] for r in wt)
+    recall = (n_ref - 12) / n_ref
+    assert detection["lesion_precision"] == 1.0 and detection["fp_per_case"] == 0.0
+    assert detection["lesion_recall"] == pytest.approx(recall) and detection["lesion_f1"] == pytest.approx(2 * recall / (1 + recall))
 
 
 def test_geometry_mismatch_names_the_file(brats_tree, tmp_path):
