@@ -92,6 +92,7 @@ def evaluate_on_validation(cfg: DictConfig, trainer: L.Trainer, model: Segmentat
     untuned, untuned_rows = metrics, model.case_rows
     point, table = model.sweep_result
     save_operating_point(cfg, point, table, checkpoint)
+    trainer.strategy.barrier()  # every process reads the checkpoint only once rank 0 has rewritten it
     if (point.threshold, point.min_component_mm3) == (model.postprocessing.threshold, model.postprocessing.min_component_mm3):
         model.postprocessing = point  # the untuned point won: no second pass
         report(cfg, metrics, model, checkpoint, untuned, untuned_rows)

@@ -98,9 +98,20 @@ def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
     assert instantiate(single.data).case_cache.folder == cache  # the single process reads the same entries
 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path / "single")
+    model.start_sweep()  # the operating-point sweep too: the same counts, so the same choice
     metrics = trainer.test(model, datamodule=instantiate(single.data), verbose=False)[0]
     for key in ("test/dice", "test/dice_wt", "test/dice_et", "test/iou_tc", "test/recall_et", "test/lesion_recall_wt", "test/lesion_dice_et"):
         assert metrics[key] == pytest.approx(summary["metrics"][key], abs=1e-6), key
+    point, table = model.sweep_result
+    chosen = json.loads((folder / "operating_point.json").read_text())
+    for name, region in point.to_dict()["regions"].items():
+        assert (chosen["regions"][name]["threshold"], chosen["regions"][name]["min_component_mm3"]) == (region["threshold"], region["min_component_mm3"])
+        assert chosen["regions"][name]["score"] == pytest.approx(region["score"], abs=1e-9)
+    swept = list(csv.DictReader((folder / "operating_point_sweep.csv").open()))
+    assert len(swept) == len(table)
+    for written, row in zip(swept, table):
+        assert float(written["dice"]) == pytest.approx(row["dice"], abs=1e-6)
+        assert float(written["lesion_f1"]) == pytest.approx(row["lesion_f1"], abs=1e-6)
 
 
 def test_torchrun_processes_share_one_run_folder(brats_tree, tmp_path):

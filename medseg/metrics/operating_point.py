@@ -168,12 +168,17 @@ class OperatingPointSweep(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """The scores of :func:`grid_scores`, each ``(R, T, M)``."""
-        return {k: torch.from_numpy(v) for k, v in grid_scores(self.counts.cpu().numpy(), int(self.n_cases), self.empty_score).items()}
+        return {k: torch.from_numpy(v) for k, v in self._scores().items()}
+
+    def _scores(self) -> dict[str, np.ndarray]:
+        # From the states as they stand, so that table() and choose() also work inside a caller's
+        # sync_context(), where compute() would try to sync a second time.
+        return grid_scores(self.counts.cpu().numpy(), int(self.n_cases), self.empty_score)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per region and grid point: the scores and per-bucket recall (the sweep CSV)."""
         counts = self.counts.cpu().numpy()
-        scores = grid_scores(counts, int(self.n_cases), self.empty_score)
+        scores = self._scores()
         rows = []
         for r, name in enumerate(self.names):
             for i, t in enumerate(self.thresholds):
@@ -188,7 +193,7 @@ class OperatingPointSweep(Metric):
 
     def choose(self, criterion: str) -> OperatingPoint:
         """The best grid point per region for ``criterion`` (see :func:`choose_operating_point`)."""
-        return choose_operating_point(self.compute()[criterion].numpy(), criterion, self.names, self.thresholds, self.min_component_mm3)
+        return choose_operating_point(self._scores()[criterion], criterion, self.names, self.thresholds, self.min_component_mm3)
 
 
 def choose_operating_point(scores: np.ndarray, criterion: str, names: Sequence[str], thresholds: Sequence[float], min_component_mm3: Sequence[float], default_threshold: float = 0.5) -> OperatingPoint:
