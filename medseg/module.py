@@ -214,7 +214,7 @@ class SegmentationModule(L.LightningModule):
             return binarize(logits, self.mode, point.threshold[0])  # on the logits' device, no copy to the CPU
         probs = probabilities(logits, self.mode)
         spacings = spacing.tolist() if spacing is not None else [[1.0, 1.0, 1.0]] * logits.shape[0]
-        masks = [postprocess(probs[b], self.mode, point, float(torch.tensor(spacings[b]).prod()), self.connectivity) for b in range(logits.shape[0])]
+        masks = [postprocess(probs[b], self.mode, point, float(np.prod(spacings[b])), self.connectivity) for b in range(logits.shape[0])]
         return torch.from_numpy(np.stack(masks)).to(logits.device)
 
     def start_sweep(self) -> None:
@@ -222,7 +222,8 @@ class SegmentationModule(L.LightningModule):
         options = self.hparams.operating_point or {}
         lesion = self.hparams.lesion_metrics or {}
         self.sweep = OperatingPointSweep(
-            self.label_spec.names, self.mode, options.get("thresholds", [self.hparams.threshold]), options.get("min_component_mm3", [0.0]),
+            # softmax: the argmax needs no threshold; the configured one is kept, so the untuned point can win
+            self.label_spec.names, self.mode, options.get("thresholds", [self.hparams.threshold]) if self.mode == "sigmoid" else [self.hparams.threshold], options.get("min_component_mm3", [0.0]),
             self.connectivity, lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.hparams.empty_score,
         ).to(self.device)
         self.sweep_result = None
@@ -259,7 +260,7 @@ class SegmentationModule(L.LightningModule):
         if self.sweep is not None:
             with self.sweep.sync_context():  # every process's counts (DDP); all processes choose alike
                 criterion = (self.hparams.operating_point or {}).get("criterion") or "dice"
-                self.sweep_result = (self.sweep.choose(criterion), self.sweep.table())
+                self.sweep_result = (self.sweep.choose(criterion, default_threshold=self.hparams.threshold), self.sweep.table())
             self.sweep = None
 
     def configure_optimizers(self) -> Any:
@@ -277,7 +278,10 @@ class SegmentationModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("medseg_config", self.run_config)
-        if checkpoint.get(CHECKPOINT_KEY):
+        # A stored point belongs to the stored weights: not adopted when training goes on from them (resume or
+        # fine-tune: validation and new checkpoints use the configured point) nor by a pass about to tune anew.
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if checkpoint.get(CHECKPOINT_KEY) and not fitting and self.sweep is None:
             self.postprocessing = OperatingPoint.from_dict(checkpoint[CHECKPOINT_KEY])
 
 

@@ -4,7 +4,9 @@ One operating point per region (sigmoid) or class (softmax): a probability ``thr
 softmax class is its argmax) and a minimum connected-component volume ``min_component_mm3`` below which a
 predicted component is removed. Training's final evaluation tunes the point on the validation cases
 (:mod:`medseg.metrics.operating_point`), stores it in the checkpoint, and prediction applies it from there, so
-the masks a user gets are those the reported numbers were measured on.
+the masks a user gets are those the reported numbers were measured on. (The evaluation post-processes on the
+preprocessed grid; prediction resamples the probabilities back to each input's grid first and post-processes
+there, so where ``data.spacing`` resamples, masks can differ from the scored ones by border voxels.)
 """
 
 from __future__ import annotations
@@ -85,6 +87,20 @@ class OperatingPoint:
         )
 
 
+def min_component_voxels(min_component_mm3: float, voxel_mm3: float) -> int:
+    """The fewest voxels a kept component has: ``min_component_mm3`` in voxels of ``voxel_mm3`` mm^3, rounded up.
+
+    One rounding for every caller (the report, the operating-point sweep, ``medseg.predict``), with a relative
+    tolerance of 1e-6 so that a component whose volume equals the limit is kept whether the voxel volume came
+    from float32 or float64 spacing (25 voxels of 0.6 x 0.6 x 1.3 mm against 11.7 mm^3).
+    """
+    if min_component_mm3 <= 0:
+        return 0
+    if not voxel_mm3 > 0:
+        raise ValueError(f"expected a positive voxel volume (mm^3), got {voxel_mm3}")
+    return max(math.ceil(min_component_mm3 / voxel_mm3 * (1.0 - 1e-6)), 1)
+
+
 def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26) -> np.ndarray:
     """``mask`` without its connected components of fewer than ``min_voxels`` voxels.
 
@@ -94,7 +110,7 @@ def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: i
     Returns:
         Boolean ``(X, Y, Z)``.
     """
-    if min_voxels <= 0 or not mask.any():
+    if min_voxels <= 1 or not mask.any():  # every component has at least one voxel
         return mask
     components = cc3d.connected_components(mask, connectivity=connectivity)  # (X, Y, Z) ids, 0 = background
     sizes = np.bincount(components.ravel())  # voxels per component id
@@ -135,7 +151,7 @@ def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: floa
     masks = foreground_masks(probs, mode, point.threshold)
     if len(point.names) != masks.shape[0]:
         raise ValueError(f"expected an operating point for {masks.shape[0]} regions, got one for {list(point.names)}")
-    return np.stack([remove_small_components(m, size / voxel_mm3, connectivity) for m, size in zip(masks, point.min_component_mm3)])
+    return np.stack([remove_small_components(m, min_component_voxels(size, voxel_mm3), connectivity) for m, size in zip(masks, point.min_component_mm3)])
 
 
 def probabilities(logits: Tensor, mode: str) -> Tensor:

@@ -217,7 +217,7 @@ def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose
     return inverted.as_tensor().float() if isinstance(inverted, MetaTensor) else inverted.float()
 
 
-def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None, voxel_mm3: float = 1.0) -> np.ndarray:
+def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None, voxel_mm3: float = 1.0, connectivity: int = 26) -> np.ndarray:
     """Probabilities to dataset labels at an operating point (threshold, small components removed).
 
     Args:
@@ -227,12 +227,14 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
         point: per-region threshold and minimum component volume (:mod:`medseg.postprocess`, the same code
             as the final evaluation); ``None``: threshold 0.5, nothing removed.
         voxel_mm3: the volume of one voxel of ``probs``' grid.
+        connectivity: of the components ``point.min_component_mm3`` filters (6, 18, 26): the model's
+            (``model.lesion_metrics.connectivity``), as in the final evaluation.
 
     Returns:
         ``(X, Y, Z)`` integer labels in the dataset's convention (e.g. BraTS 0/1/2/4).
     """
     point = point or OperatingPoint.uniform(spec.names)
-    masks = postprocess(probs, spec.mode, point, voxel_mm3)  # (R, X, Y, Z) bool
+    masks = postprocess(probs, spec.mode, point, voxel_mm3, connectivity)  # (R, X, Y, Z) bool
     labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
     foreground = masks.any(0)  # (X, Y, Z)
     if not foreground.any():
@@ -284,6 +286,7 @@ class PredictOptions:
     tta: bool = False
     flip_axes: tuple[int, ...] = (0, 1, 2)  # the test-time flips: those of the training augmentation
     point: OperatingPoint | None = None  # per-region threshold and minimum component volume; None: 0.5, none removed
+    connectivity: int = 26  # of the components the point's size filter removes: the model's
     save_probabilities: bool = False
     in_channels: int | None = None  # None skips the channel check
     inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
@@ -358,7 +361,7 @@ def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: Labe
         probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
     reference = nib.load(case.record["image"][0])
     voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
-    labels = segment(probs, spec, options.point, voxel_mm3)  # (X, Y, Z)
+    labels = segment(probs, spec, options.point, voxel_mm3, options.connectivity)  # (X, Y, Z)
     write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, case.target)
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
     if options.save_probabilities:
@@ -525,6 +528,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         tta=bool(cfg.tta),
         flip_axes=tuple(data_cfg.get("augment", {}).get("flip_axes", (0, 1, 2))),
         point=point,
+        connectivity=model.connectivity,
         save_probabilities=bool(cfg.save_probabilities),
         in_channels=data_cfg.get("in_channels"),
         inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),

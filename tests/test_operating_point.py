@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from scipy import ndimage
 
 from medseg.checkpoint_io import AtomicCheckpointIO
 from medseg.metrics.lesion import lesion_metrics
-from medseg.metrics.operating_point import OperatingPointSweep, choose_operating_point, sweep_case
-from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, postprocess
+from medseg.metrics.operating_point import FIELDS, OperatingPointSweep, choose_operating_point, sweep_case
+from medseg.metrics.voxel import OverlapMetrics
+from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, min_component_voxels, postprocess
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 SIZES = (0.0, 6.0, 20.0, 60.0)
@@ -45,10 +47,10 @@ def test_sweep_counts_equal_lesion_metrics_of_the_postprocessed_mask(seed):
                 ref = lesion_metrics(masks[r], target[r], spacing, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), dilation_mm=0.0)
                 tp = (masks[r] & target[r]).sum()
                 dice = 2 * tp / (masks[r].sum() + target[r].sum())
-                got = dict(zip(("dice", "tp", "pred", "ref", "n_ref", "detected", "n_pred", "fp"), counts[r, i, j, :8]))
-                assert got["dice"] == pytest.approx(dice)
-                assert (got["n_ref"], got["detected"], got["n_pred"], got["fp"]) == (ref["n_ref_lesions"], ref["detected"], ref["n_pred_lesions"], ref["false_positives"])
-                assert list(counts[r, i, j, 8::2]) == [ref[f"detected_{b}"] for b in ("tiny", "small", "big")]
+                got = dict(zip(FIELDS, counts[r, i, j, : len(FIELDS)]))
+                assert (got["dice_sum"], got["dice_cases"]) == (pytest.approx(dice), 1.0)
+                assert (got["n_ref_lesions"], got["detected"], got["n_pred_lesions"], got["false_positives"]) == (ref["n_ref_lesions"], ref["detected"], ref["n_pred_lesions"], ref["false_positives"])
+                assert list(counts[r, i, j, len(FIELDS) :: 2]) == [ref[f"detected_{b}"] for b in ("tiny", "small", "big")]
                 checked += ref["n_pred_lesions"] > 0
     assert checked > 10  # the grid is not all empty predictions
 
@@ -64,7 +66,8 @@ def test_softmax_sweep_uses_the_argmax_once():
         masks = postprocess(probs, "softmax", OperatingPoint(("x", "y"), (0.5, 0.5), (m, m)), 1.0)
         for r in range(2):
             ref = lesion_metrics(masks[r], target[r], size_buckets_mm3=(), bucket_names=("all",), dilation_mm=0.0)
-            assert (counts[r, 0, j, 5], counts[r, 0, j, 7]) == (ref["detected"], ref["false_positives"])
+            got = dict(zip(FIELDS, counts[r, 0, j]))
+            assert (got["detected"], got["false_positives"]) == (ref["detected"], ref["false_positives"])
 
 
 def test_metric_pools_cases_and_chooses_the_best_point():
@@ -95,8 +98,48 @@ def test_ties_go_to_the_default_point_and_bad_criteria_fail():
     flat = np.ones((1, 3, 4))
     point = choose_operating_point(flat, "dice", ["r"], THRESHOLDS, SIZES)
     assert (point.threshold, point.min_component_mm3) == ((0.5,), (0.0,))
+    point = choose_operating_point(flat, "dice", ["r"], THRESHOLDS, SIZES, default_threshold=0.3)  # model.threshold 0.3
+    assert point.threshold == (0.3,)
     with pytest.raises(ValueError, match="criterion"):
         choose_operating_point(flat, "accuracy", ["r"], THRESHOLDS, SIZES)
+
+
+def test_nan_empty_score_leaves_empty_cases_out_of_the_dice_as_overlap_metrics_do():
+    # Case A: a lesion predicted at 0.9. Case B: no lesion, one voxel at 0.3. At threshold 0.5 case B is
+    # empty-empty (NaN, left out): Dice 1.0 from case A alone; at 0.2 case B is a false positive (Dice 0).
+    shape = (8, 8, 8)
+    probs_a, target_a = torch.zeros(1, *shape), np.zeros((1, *shape), dtype=bool)
+    probs_a[0, 2:5, 2:5, 2:5], target_a[0, 2:5, 2:5, 2:5] = 0.9, True
+    probs_b, target_b = torch.zeros(1, *shape), np.zeros((1, *shape), dtype=bool)
+    probs_b[0, 6, 6, 6] = 0.3
+    sweep = OperatingPointSweep(("lesion",), "sigmoid", (0.2, 0.5), (0.0,), empty_score=float("nan"))
+    for probs, target in ((probs_a, target_a), (probs_b, target_b)):
+        sweep.update(probs[None], torch.from_numpy(target)[None])
+    dice = sweep.compute()["dice"][0, :, 0]
+    for i, t in enumerate((0.2, 0.5)):
+        overlap = OverlapMetrics(["lesion"], empty_score=float("nan"))
+        for probs, target in ((probs_a, target_a), (probs_b, target_b)):
+            overlap.update((probs[None] > t), torch.from_numpy(target)[None])
+        assert dice[i].item() == pytest.approx(overlap.compute()["dice"].item())
+    assert sweep.choose("dice").threshold == (0.5,)
+
+
+def test_a_component_at_the_size_limit_is_kept_whatever_the_float_precision():
+    # 25 voxels of 0.6 x 0.6 x 1.3 mm = 11.7 mm^3: exactly the limit, computed in float32 and float64.
+    spacing = (0.6, 0.6, 1.3)
+    v64, v32 = float(np.prod(spacing)), float(torch.tensor(spacing).prod())
+    assert min_component_voxels(11.7, v64) == min_component_voxels(11.7, v32) == 25
+    assert min_component_voxels(11.7 * 1.001, v64) == 26 and min_component_voxels(0.0, v64) == 0
+    probs, target = torch.zeros(1, 10, 10, 10), np.zeros((1, 10, 10, 10), dtype=bool)
+    probs[0, 1:6, 1:6, 1] = 0.9  # 25 voxels
+    target[0, 1:6, 1:6, 1] = True
+    point = OperatingPoint(("lesion",), (0.5,), (11.7,))
+    for voxel_mm3 in (v64, v32):
+        assert postprocess(probs, "sigmoid", point, voxel_mm3).sum() == 25
+    counts = dict(zip(FIELDS, sweep_case(probs, target, "sigmoid", spacing, (0.5,), (11.7,))[0, 0, 0]))
+    assert (counts["n_pred_lesions"], counts["dice_sum"]) == (1, pytest.approx(1.0))
+    with pytest.raises(ValueError, match="voxel volume"):
+        min_component_voxels(1.0, 0.0)
 
 
 def test_operating_point_round_trip_and_validation():
@@ -139,6 +182,19 @@ def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_
     checkpoint = AtomicCheckpointIO().load_checkpoint(summary["checkpoint"])
     assert checkpoint[CHECKPOINT_KEY]["regions"] == chosen["regions"]
     model, _ = load_model(summary["checkpoint"])
+    assert model.postprocessing == OperatingPoint.from_dict(chosen)
+    assert model.connectivity == 26
+    # Training on from the tuned weights (resume, fine-tune) or tuning anew keeps the configured point.
+    untuned = OperatingPoint.uniform(model.label_spec.names, model.hparams.threshold)
+    model.postprocessing, model._trainer = untuned, SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    model.on_load_checkpoint(checkpoint)
+    assert model.postprocessing == untuned
+    model._trainer = None
+    model.start_sweep()
+    model.on_load_checkpoint(checkpoint)
+    assert model.postprocessing == untuned
+    model.sweep = None
+    model.on_load_checkpoint(checkpoint)
     assert model.postprocessing == OperatingPoint.from_dict(chosen)
 
     case = sorted(p for p in brats_tree.iterdir() if p.is_dir())[0]

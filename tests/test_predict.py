@@ -208,6 +208,16 @@ def test_segment_softmax_classes_and_small_components():
     assert not empty.any()
 
 
+def test_segment_filters_components_of_the_given_connectivity():
+    # Two 8-voxel cubes touching at one corner: one 16-voxel component with 26-connectivity, two of 8 with 6.
+    spec = LabelSpec.from_config({"mode": "sigmoid", "names": ["lesion"], "values": [0, 1], "regions": {"lesion": [1]}})
+    probs = torch.zeros(1, 8, 8, 8)
+    probs[0, 1:3, 1:3, 1:3] = probs[0, 3:5, 3:5, 3:5] = 0.9
+    point = OperatingPoint.uniform(spec.names, min_component_mm3=10.0)
+    assert (segment(probs, spec, point, connectivity=26) == 1).sum() == 16
+    assert (segment(probs, spec, point, connectivity=6) == 1).sum() == 0
+
+
 def test_user_errors_are_one_readable_line(tmp_path, caplog):
     assert run_main(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'out'}") == 1
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")

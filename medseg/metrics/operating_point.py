@@ -9,8 +9,8 @@ kept component overlapping no reference voxel is a false positive.
 
 :class:`OperatingPointSweep` sums these counts over cases (exact under DDP) and :func:`choose_operating_point`
 picks, per region, the pair maximising the criterion: ``"dice"`` (mean voxel Dice over cases) or
-``"lesion_f1"`` (pooled detection F1). Ties go to the pair nearest the untuned default (threshold 0.5, no
-size filter), so that a flat criterion changes nothing.
+``"lesion_f1"`` (pooled detection F1). Ties go to the pair nearest the untuned default (``model.threshold``,
+no size filter), so that a flat criterion changes nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from medseg.metrics.lesion import _ratio, lesion_f1, validate_spacing
-from medseg.postprocess import OperatingPoint, foreground_masks
+from medseg.postprocess import OperatingPoint, foreground_masks, min_component_voxels
 
 CRITERIA = ("dice", "lesion_f1")
 # Count fields per grid point, then detected and reference lesions per size bucket.
-FIELDS = ("dice_sum", "tp_voxels", "pred_voxels", "ref_voxels", "n_ref_lesions", "detected", "n_pred_lesions", "false_positives")
+FIELDS = ("dice_sum", "dice_cases", "tp_voxels", "pred_voxels", "ref_voxels", "n_ref_lesions", "detected", "n_pred_lesions", "false_positives")
 
 
 def sweep_case(
@@ -61,7 +61,7 @@ def sweep_case(
     edges = np.asarray(size_buckets_mm3, dtype=np.float64)
     n_buckets = len(edges) + 1
     grid_t = list(thresholds) if mode == "sigmoid" else list(thresholds)[:1]
-    sizes_vox = np.asarray(min_component_mm3, dtype=np.float64) / voxel_mm3  # (M,)
+    sizes_vox = [min_component_voxels(m, voxel_mm3) for m in min_component_mm3]  # (M,), as postprocess() rounds
     out = np.zeros((target.shape[0], len(grid_t), len(sizes_vox), len(FIELDS) + 2 * n_buckets))
     per_threshold = [foreground_masks(probs, mode, [t] * target.shape[0]) for t in grid_t]  # T x (R, *spatial)
     for r in range(target.shape[0]):
@@ -85,7 +85,9 @@ def sweep_case(
                 detected_ids = np.unique(pair_ref[keep[pair_pred]])  # 1-based reference lesion ids
                 detected_bucket = np.bincount(ref_bucket[detected_ids - 1], minlength=n_buckets)
                 dice = _ratio(2 * tp, pred_voxels + ref_voxels, empty_score)
-                row = [dice, tp, pred_voxels, ref_voxels, n_ref, detected_ids.size, int(keep.sum()), int((keep & (overlap == 0)).sum())]
+                # A NaN Dice (empty_score nan: empty reference and prediction) is left out of the mean, as
+                # OverlapMetrics leaves it out; dice_cases counts the cases that have one.
+                row = [0.0 if math.isnan(dice) else dice, 0.0 if math.isnan(dice) else 1.0, tp, pred_voxels, ref_voxels, n_ref, detected_ids.size, int(keep.sum()), int((keep & (overlap == 0)).sum())]
                 out[r, i, j, : len(FIELDS)] = row
                 out[r, i, j, len(FIELDS) :: 2] = detected_bucket
                 out[r, i, j, len(FIELDS) + 1 :: 2] = np.bincount(ref_bucket, minlength=n_buckets)
@@ -104,7 +106,7 @@ def grid_scores(counts: np.ndarray, n_cases: int, empty_score: float = 1.0) -> d
         precision = np.where(f["n_pred_lesions"] > 0, (f["n_pred_lesions"] - f["false_positives"]) / f["n_pred_lesions"], empty_score)
     f1 = np.vectorize(lesion_f1)(precision, recall) if recall.size else recall
     return {
-        "dice": f["dice_sum"] / max(n_cases, 1),
+        "dice": np.where(f["dice_cases"] > 0, f["dice_sum"] / np.maximum(f["dice_cases"], 1), np.nan),
         "lesion_recall": recall,
         "lesion_precision": precision,
         "lesion_f1": f1,
@@ -191,9 +193,11 @@ class OperatingPointSweep(Metric):
                     rows.append(row)
         return rows
 
-    def choose(self, criterion: str) -> OperatingPoint:
+    def choose(self, criterion: str, default_threshold: float = 0.5) -> OperatingPoint:
         """The best grid point per region for ``criterion`` (see :func:`choose_operating_point`)."""
-        return choose_operating_point(self._scores()[criterion], criterion, self.names, self.thresholds, self.min_component_mm3)
+        if criterion not in CRITERIA:
+            raise ValueError(f"expected an operating-point criterion in {CRITERIA}, got {criterion!r}")
+        return choose_operating_point(self._scores()[criterion], criterion, self.names, self.thresholds, self.min_component_mm3, default_threshold)
 
 
 def choose_operating_point(scores: np.ndarray, criterion: str, names: Sequence[str], thresholds: Sequence[float], min_component_mm3: Sequence[float], default_threshold: float = 0.5) -> OperatingPoint:
