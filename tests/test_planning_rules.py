@@ -112,3 +112,31 @@ def test_spare_budget_goes_to_the_batch_size_up_to_its_cap():
 def test_a_budget_too_small_for_any_patch_is_an_error():
     with pytest.raises(ValueError, match="plan.memory_gb"):
         fit_patch_to_budget([1.0, 1.0, 1.0], [128, 128, 128], voxel_model(), 1.0)
+
+
+def test_planned_dynunet_builds_and_its_activations_are_counted_as_a_real_pass_counts_them():
+    import torch
+    from torch import nn
+
+    from medseg.planning.memory import activation_elements, build_dynunet, dynunet_activation_elements, dynunet_arguments, features_per_stage
+
+    assert features_per_stage(7) == [32, 64, 128, 256, 320, 320, 320]
+    topology = network_topology([0.8, 0.8, 2.0], [32, 32, 16], min_feature_map_size=4)
+    arguments = dynunet_arguments(topology, in_channels=2, out_channels=3, base_features=4, max_features=16)
+    net = build_dynunet(arguments)
+    out = net(torch.zeros(1, 2, *topology.patch_size))
+    assert out.shape == (1, 3, *topology.patch_size)
+    # The meta-device count equals a count of the real outputs on the CPU.
+    seen = []
+    for module in net.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda _m, _i, output: seen.append(output.numel()))
+    with torch.no_grad():
+        net(torch.zeros(2, 2, *topology.patch_size))
+    real = sum(seen)
+    counted, parameters = dynunet_activation_elements(topology, 2, 3, batch_size=2, base_features=4, max_features=16)
+    assert counted == real and parameters == sum(p.numel() for p in net.parameters())
+    # Linear in the batch; the input layer's output alone is batch x features x voxels.
+    assert dynunet_activation_elements(topology, 2, 3, batch_size=4, base_features=4, max_features=16)[0] == 2 * counted
+    assert counted > 2 * 4 * int(np.prod(topology.patch_size))
+    assert isinstance(net, nn.Module) and activation_elements(nn.Sequential(nn.Conv3d(1, 5, 1)), (1, 1, 2, 3, 4)) == 5 * 24
