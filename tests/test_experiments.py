@@ -74,6 +74,17 @@ def test_ablation_task_is_small_lesions_unless_overridden(tmp_path):
     assert ms.model.lesion_metrics.bucket_names == ["tiny", "small", "medium", "large"]
 
 
+def test_lesion_presets_follow_the_small_lesion_ablation(tmp_path):
+    # docs/results.md section 5: blob loss for the generated small-lesion tasks, focal + Dice on MS; voxel
+    # sampling and an operating point tuned for lesion F1 in both.
+    for experiment, target in (("small_lesions", "BlobLoss"), ("small_lesions_hard", "BlobLoss"), ("ms_lesions", "FocalDiceLoss")):
+        cfg = preset(tmp_path, f"+experiment={experiment}", "data.root=unused")
+        assert cfg.loss._target_ == f"medseg.losses.{target}", experiment
+        assert cfg.data.augment.sampling == "voxel" and cfg.model.operating_point.criterion == "lesion_f1", experiment
+    # the ablations still choose every loss themselves
+    assert preset(tmp_path, "+experiment=loss_ablation", "loss=dice").loss._target_ == "medseg.losses.DiceLoss"
+
+
 def test_ms_lesions_preset(tmp_path):
     cfg = preset(tmp_path, "+experiment=ms_lesions", "data.root=unused")
     assert (cfg.data.layout, cfg.data.in_channels, cfg.data.out_channels) == ("msd", 4, 1)
