@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -21,7 +21,7 @@ from medseg.metrics.cases import case_rows, gather_rows
 from medseg.metrics.lesion import LesionMetrics
 from medseg.metrics.operating_point import CRITERIA, OperatingPointSweep
 from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
-from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, postprocess, probabilities
+from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, flip_averaged_probabilities, logits_of, postprocess, probabilities
 
 # Lesion-wise values logged every validation, besides per-bucket recalls and reference-lesion counts.
 LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_f1_case_mean", "lesion_dice", "fp_per_case")
@@ -62,6 +62,10 @@ class SegmentationModule(L.LightningModule):
             :class:`NonFiniteLossError` naming the step and the batch's cases, or ``"skip"`` that optimizer step
             (the weights stay as they were). Either way no non-finite weights are ever written.
         max_skipped_steps: with ``"skip"``, stop anyway after this many skipped steps in a row.
+        channels_last: keep the network's weights and its input batches in ``channels_last_3d`` memory order
+            (same results, faster 3D convolutions on CPU and recent GPUs).
+        tta_flip_axes: mirroring test-time augmentation in test passes (the final evaluation on the validation
+            cases): probabilities averaged over every combination of flips of these spatial axes; ``()`` for none.
 
     Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
     ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
@@ -86,6 +90,8 @@ class SegmentationModule(L.LightningModule):
         max_skipped_steps: int = 10,
         min_component_mm3: float = 0.0,
         operating_point: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+        tta_flip_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_ACTIONS:
@@ -103,7 +109,10 @@ class SegmentationModule(L.LightningModule):
              "nonfinite": nonfinite, "max_skipped_steps": max_skipped_steps, "min_component_mm3": min_component_mm3, "operating_point": operating_point},
             logger=False,
         )
-        self.net = net
+        # channels_last_3d (NDHWC) runs 3D convolutions 1.5-2x faster on CPU (oneDNN) and on recent GPUs.
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.net = net.to(memory_format=self.memory_format)
+        self.tta_flip_axes = tuple(int(a) for a in tta_flip_axes)
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -128,11 +137,20 @@ class SegmentationModule(L.LightningModule):
 
     def forward(self, image: Tensor) -> Tensor:
         """Logits ``(B, C_out, H, W, D)`` for a batch of patches ``(B, C_in, H, W, D)``."""
-        return self.net(image)
+        return self.net(image.contiguous(memory_format=self.memory_format))
 
-    def predict_volume(self, image: Tensor) -> Tensor:
-        """Logits for whole volumes ``(B, C_in, H, W, D)`` of any size, by sliding-window inference."""
-        return sliding_window_inference(image, predictor=self.net, **self.inferer)
+    def predict_volume(self, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
+        """Logits ``(B, C_out, H, W, D)`` for whole volumes ``(B, C_in, H, W, D)`` of any size, by sliding-window
+        inference; with ``flip_axes``, the logits of the probabilities averaged over their flips (see
+        :func:`medseg.postprocess.flip_averaged_probabilities`)."""
+        if not flip_axes:
+            return sliding_window_inference(image, predictor=self.forward, **self.inferer)
+        return logits_of(self.predict_probabilities(image, flip_axes), self.mode)
+
+    def predict_probabilities(self, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
+        """Sigmoid or softmax probabilities ``(B, C_out, H, W, D)`` of whole volumes ``(B, C_in, H, W, D)``,
+        averaged over the flips of ``flip_axes`` (mirroring test-time augmentation) when given."""
+        return flip_averaged_probabilities(self.predict_volume, image, self.mode, flip_axes)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["label"]  # (B, C_in, *patch), (B, R, *patch)
@@ -192,7 +210,7 @@ class SegmentationModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
-        logits = self.predict_volume(image)
+        logits = self.predict_volume(image, self.tta_flip_axes if stage == "test" else ())
         self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
         truth = target_channels(target, self.mode, logits.shape[1])
         spacing = batch.get("spacing")  # (B, 3) mm

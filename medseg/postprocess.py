@@ -12,8 +12,9 @@ there, so where ``data.spacing`` resamples, masks can differ from the scored one
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import cc3d
@@ -158,3 +159,26 @@ def probabilities(logits: Tensor, mode: str) -> Tensor:
     """Sigmoid or softmax (over channels) probabilities, float32, of logits ``(B, C, *spatial)``."""
     logits = logits.float()
     return torch.sigmoid(logits) if mode == "sigmoid" else torch.softmax(logits, dim=1)
+
+
+def logits_of(probs: Tensor, mode: str, eps: float = 1e-6) -> Tensor:
+    """Logits whose :func:`probabilities` are ``probs`` ``(B, C, *spatial)`` (up to clamping to ``[eps, 1 - eps]``):
+    log-odds for sigmoid, log-probabilities for softmax (whose softmax is the probabilities again)."""
+    probs = probs.float().clamp(eps, 1.0 - eps)
+    return torch.log(probs) - torch.log1p(-probs) if mode == "sigmoid" else torch.log(probs)
+
+
+def flip_averaged_probabilities(predict: Callable[[Tensor], Tensor], image: Tensor, mode: str, flip_axes: Sequence[int] = ()) -> Tensor:
+    """Probabilities ``(B, C_out, H, W, D)`` of ``predict`` (logits of ``(B, C_in, H, W, D)``), averaged over every
+    combination of flips of the spatial ``flip_axes`` (0, 1, 2), each prediction flipped back first: mirroring
+    test-time augmentation, 2^len(flip_axes) passes; none without axes."""
+    if any(int(a) not in (0, 1, 2) for a in flip_axes) or len(set(flip_axes)) != len(flip_axes):
+        raise ValueError(f"expected distinct test-time flip axes among 0, 1, 2, got {list(flip_axes)}")
+    dims = tuple(2 + int(a) for a in flip_axes)  # spatial axes of (B, C, H, W, D)
+    total = None
+    flips = [axes for k in range(len(dims) + 1) for axes in combinations(dims, k)]
+    for axes in flips:
+        probs = probabilities(predict(image.flip(axes) if axes else image), mode)
+        probs = probs.flip(axes) if axes else probs
+        total = probs if total is None else total.add_(probs)
+    return total / len(flips)

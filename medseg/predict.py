@@ -25,7 +25,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from copy import deepcopy
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -185,17 +184,8 @@ def infer_probabilities(model: SegmentationModule, image: Tensor, tta: bool = Fa
     Returns:
         ``(C_out, H, W, D)`` float32: per-region sigmoid or per-class softmax probabilities.
     """
-    dims = tuple(2 + int(a) for a in flip_axes)  # spatial axes of (1, C, H, W, D)
-    flips = [axes for k in range(len(dims) + 1) for axes in combinations(dims, k)] if tta else [()]
-    batch = image[None]  # (1, C_in, H, W, D)
-    total = None
     with torch.inference_mode():
-        for axes in flips:
-            logits = model.predict_volume(batch.flip(axes) if axes else batch).float()  # (1, C_out, H, W, D)
-            probs = torch.sigmoid(logits) if model.mode == "sigmoid" else torch.softmax(logits, dim=1)
-            probs = probs.flip(axes) if axes else probs
-            total = probs if total is None else total.add_(probs)
-    return (total / len(flips))[0]
+        return model.predict_probabilities(image[None], flip_axes if tta else ())[0]
 
 
 def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose) -> Tensor:
@@ -518,6 +508,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         spacing=data_cfg.get("spacing"),
         intensity=data_cfg.get("intensity", "mri"),
         ct_window=data_cfg.get("ct_window", (-175.0, 250.0)),
+        ct_zscore=data_cfg.get("ct_zscore"),
         crop_foreground=data_cfg.get("crop_foreground", True),
     )
     # The checkpoint's operating point (tuned after training, or its model.threshold), unless overridden here.

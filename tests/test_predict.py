@@ -396,9 +396,8 @@ def test_cli_predicts_a_case_folder_and_writes_nothing_else(brats_tree, checkpoi
 @pytest.mark.parametrize("flip_axes, calls", [((0, 1, 2), 8), ((0,), 2), ((), 1)])
 def test_tta_flips_only_the_axes_the_model_was_trained_with(flip_axes, calls):
     from itertools import combinations
-    from types import SimpleNamespace
 
-    from medseg.predict import infer_probabilities
+    from medseg.postprocess import flip_averaged_probabilities
 
     seen = []
     image = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 4, 5, 6)  # (C_in, H, W, D), no symmetry
@@ -407,8 +406,7 @@ def test_tta_flips_only_the_axes_the_model_was_trained_with(flip_axes, calls):
         seen.append(batch.clone())
         return batch[:, :1]
 
-    model = SimpleNamespace(predict_volume=predict_volume, mode="sigmoid")
-    probs = infer_probabilities(model, image, tta=True, flip_axes=flip_axes)
+    probs = flip_averaged_probabilities(predict_volume, image[None], "sigmoid", flip_axes)[0]
     assert len(seen) == calls
     dims = [2 + a for a in flip_axes]
     expected = [image[None].flip(list(c)) for k in range(len(dims) + 1) for c in combinations(dims, k)]

@@ -107,6 +107,7 @@ def prediction_transform(cfg: DictConfig, model: SegmentationModule) -> Any:
         spacing=data.get("spacing"),
         intensity=data.get("intensity", "mri"),
         ct_window=data.get("ct_window", (-175.0, 250.0)),
+        ct_zscore=data.get("ct_zscore"),
         crop_foreground=data.get("crop_foreground", True),
     )
 

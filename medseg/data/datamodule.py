@@ -123,7 +123,7 @@ class SegmentationDataModule(L.LightningDataModule):
         fold: ``None`` for the seeded ``val_fraction`` split, or the cross-validation fold held out for
             validation, in [0, ``num_folds``) (see :func:`split_cases`).
         num_folds: number of cross-validation folds (used only with ``fold``).
-        spacing, intensity, ct_window, crop_foreground: see :func:`medseg.data.transforms.preprocessing`.
+        spacing, intensity, ct_window, ct_zscore, crop_foreground: see :func:`medseg.data.transforms.preprocessing`.
         augment: options of :func:`medseg.data.transforms.augmentation`.
         synthetic: if set, ``{"cases": N, "shape": [...], "spacing": [...], "seed": S}``: generate a synthetic
             BraTS-layout dataset into ``root`` first (once; later runs reuse it).
@@ -157,6 +157,7 @@ class SegmentationDataModule(L.LightningDataModule):
         spacing: Sequence[float] | None = None,
         intensity: Literal["mri", "ct", "none"] = "mri",
         ct_window: Sequence[float] = (-175.0, 250.0),
+        ct_zscore: Sequence[float] | None = None,
         crop_foreground: bool = True,
         augment: Mapping[str, Any] | None = None,
         synthetic: Mapping[str, Any] | None = None,
@@ -174,7 +175,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if len(patch_size) != 3:
             raise ValueError(f"expected a 3D data.patch_size, got {list(patch_size)}")
         check_fold(fold, num_folds)  # fails before the dataset is read; the case count is checked in setup
-        check_intensity(intensity, ct_window)
+        check_intensity(intensity, ct_window, ct_zscore)
         self.layout = layout
         self.root = str(Path(root).expanduser())
         self.label_spec = LabelSpec.from_config(labels)
@@ -195,6 +196,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_folds = num_folds
         spacing = [float(v) for v in spacing] if spacing is not None else None  # plain lists: hashed into the cache key
         self.preprocess_options = dict(spacing=spacing, intensity=intensity, ct_window=[float(v) for v in ct_window], crop_foreground=bool(crop_foreground))
+        if ct_zscore is not None:  # only when set, so that existing caches keep their key
+            self.preprocess_options["ct_zscore"] = [float(v) for v in ct_zscore]
         self.preprocessor = CasePreprocessor(self.label_spec, self.preprocess_options, IndexOptions.from_config(sampling))
         self.augment = dict(augment or {})
         self.synthetic = dict(synthetic) if synthetic else None

@@ -26,7 +26,7 @@ IMAGE, LABEL = "image", "label"
 NIFTI_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def check_intensity(intensity: str, ct_window: Sequence[float]) -> None:
+def check_intensity(intensity: str, ct_window: Sequence[float], ct_zscore: Sequence[float] | None = None) -> None:
     """Validate ``data.intensity`` and, for CT, ``data.ct_window`` (two finite Hounsfield values, low < high).
 
     Raises:
@@ -39,6 +39,8 @@ def check_intensity(intensity: str, ct_window: Sequence[float]) -> None:
     window = list(ct_window) if isinstance(ct_window, Sequence) and not isinstance(ct_window, str) else [ct_window]
     if len(window) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in window) or not window[0] < window[1]:
         raise ValueError(f"expected data.ct_window = [low, high] in Hounsfield units with low < high, got {window}")
+    if ct_zscore is not None and (len(ct_zscore) != 2 or not all(math.isfinite(float(v)) for v in ct_zscore) or not float(ct_zscore[1]) > 0):
+        raise ValueError(f"expected data.ct_zscore = [mean, std] in Hounsfield units with std > 0, or null, got {list(ct_zscore)}")
 
 
 def preprocessing(
@@ -48,6 +50,7 @@ def preprocessing(
     intensity: Literal["mri", "ct", "none"] = "mri",
     ct_window: Sequence[float] = (-175.0, 250.0),
     crop_foreground: bool = True,
+    ct_zscore: Sequence[float] | None = None,
 ) -> T.Compose:
     """The deterministic part of the pipeline, applied to case records from :mod:`medseg.data.layouts`.
 
@@ -58,6 +61,8 @@ def preprocessing(
         intensity: ``"mri"`` z-scores each channel over its non-zero voxels; ``"ct"`` clips Hounsfield
             units to ``ct_window`` and scales them to [0, 1]; ``"none"`` leaves intensities alone.
         ct_window: (low, high) Hounsfield window for ``intensity="ct"``.
+        ct_zscore: ``(mean, std)`` in HU: after clipping to ``ct_window``, z-score with these (nnU-Net's CT
+            scheme, with the dataset's foreground statistics) instead of scaling the window to [0, 1].
         crop_foreground: crop to the bounding box of non-zero image voxels (background of skull-stripped
             MRI), which saves memory and time without losing any label voxel of the brain.
 
@@ -65,7 +70,7 @@ def preprocessing(
         A transform mapping ``{"image": [files], "label": file}`` to ``image`` ``(C, H, W, D)`` float32 and
         ``label`` ``(R, H, W, D)`` multi-hot (sigmoid) or ``(1, H, W, D)`` class indices (softmax).
     """
-    check_intensity(intensity, ct_window)
+    check_intensity(intensity, ct_window, ct_zscore)
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     steps: list[Any] = [
         T.LoadImaged(keys, reader="NibabelReader", image_only=True, ensure_channel_first=True),
@@ -80,7 +85,11 @@ def preprocessing(
         steps.append(T.NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True))
     elif intensity == "ct":
         low, high = ct_window
-        steps.append(T.ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        if ct_zscore is None:
+            steps.append(T.ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        else:
+            mean, std = ct_zscore
+            steps.append(T.ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=(low - mean) / std, b_max=(high - mean) / std, clip=True))
     if with_label:
         steps.append(ConvertLabelsd(LABEL, labels))
     return T.Compose(steps)
@@ -93,6 +102,17 @@ def augmentation(
     intensity_shift_prob: float = 0.3,
     intensity_scale: float = 0.1,
     intensity_shift: float = 0.1,
+    rotate_prob: float = 0.0,
+    rotate_degrees: float = 30.0,
+    rotate_axes: Sequence[int] = (0, 1, 2),
+    zoom_prob: float = 0.0,
+    zoom_range: Sequence[float] = (0.7, 1.4),
+    gamma_prob: float = 0.0,
+    gamma_range: Sequence[float] = (0.7, 1.5),
+    noise_prob: float = 0.0,
+    noise_std: float = 0.1,
+    blur_prob: float = 0.0,
+    blur_sigma: Sequence[float] = (0.5, 1.0),
 ) -> T.Compose:
     """The random transforms of each training patch (cut by :class:`medseg.data.sampling.PatchSampler`).
 
@@ -102,17 +122,45 @@ def augmentation(
             axis along which classes differ by position (hippocampus anterior/posterior: only ``(0,)``).
         intensity_scale_prob, intensity_scale: probability and range of a random intensity scaling.
         intensity_shift_prob, intensity_shift: probability and range of a random intensity offset.
+        rotate_prob, rotate_degrees: probability of a rotation about the patch centre, by up to this many
+            degrees about each axis (nnU-Net: 0.2, 30).
+        rotate_axes: the axes rotated about: all three, or only the slice axis of thick-slice data (in-plane
+            rotations, as nnU-Net does for anisotropic spacing).
+        zoom_prob, zoom_range: probability of a scaling by a factor drawn from this range (nnU-Net: 0.2,
+            0.7-1.4); rotation and scaling are one resampling (image linear, label nearest).
+        gamma_prob, gamma_range: probability and range of a gamma on the intensities rescaled to [0, 1]
+            (nnU-Net: 0.3, 0.7-1.5).
+        noise_prob, noise_std: probability and standard deviation of additive Gaussian noise (nnU-Net: 0.1).
+        blur_prob, blur_sigma: probability and sigma range (voxels) of a Gaussian blur (nnU-Net: 0.2, 0.5-1).
     """
     if not set(flip_axes) <= {0, 1, 2}:
         raise ValueError(f"expected data.augment.flip_axes among 0, 1, 2, got {list(flip_axes)}")
+    for name, value in (("rotate_prob", rotate_prob), ("zoom_prob", zoom_prob), ("gamma_prob", gamma_prob), ("noise_prob", noise_prob), ("blur_prob", blur_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"expected data.augment.{name} in [0, 1], got {value}")
     keys = [IMAGE, LABEL]
-    return T.Compose(
-        [
-            *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes),
-            T.RandScaleIntensityd(IMAGE, factors=intensity_scale, prob=intensity_scale_prob),
-            T.RandShiftIntensityd(IMAGE, offsets=intensity_shift, prob=intensity_shift_prob),
-        ]
-    )
+    steps: list[Any] = []
+    if rotate_prob or zoom_prob:
+        # One RandAffined whose probability covers either; rotation and zoom then apply together, as in nnU-Net.
+        if not set(rotate_axes) <= {0, 1, 2}:
+            raise ValueError(f"expected data.augment.rotate_axes among 0, 1, 2, got {list(rotate_axes)}")
+        radians = math.radians(rotate_degrees) if rotate_prob else 0.0
+        rotate = tuple(radians if a in rotate_axes else 0.0 for a in range(3)) if radians else None
+        zoom = (float(zoom_range[0]) - 1.0, float(zoom_range[1]) - 1.0) if zoom_prob else None
+        steps.append(T.RandAffined(keys, prob=max(rotate_prob, zoom_prob), rotate_range=rotate, scale_range=(zoom,) * 3 if zoom else None,
+                                   mode=("bilinear", "nearest"), padding_mode="zeros"))
+    steps += [T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in flip_axes]
+    if noise_prob:
+        steps.append(T.RandGaussianNoised(IMAGE, prob=noise_prob, std=noise_std))
+    if blur_prob:
+        steps.append(T.RandGaussianSmoothd(IMAGE, sigma_x=tuple(blur_sigma), sigma_y=tuple(blur_sigma), sigma_z=tuple(blur_sigma), prob=blur_prob))
+    steps += [
+        T.RandScaleIntensityd(IMAGE, factors=intensity_scale, prob=intensity_scale_prob),
+        T.RandShiftIntensityd(IMAGE, offsets=intensity_shift, prob=intensity_shift_prob),
+    ]
+    if gamma_prob:
+        steps.append(T.RandAdjustContrastd(IMAGE, prob=gamma_prob, gamma=tuple(gamma_range), retain_stats=True))
+    return T.Compose(steps)
 
 
 def patches_from_config(patch_size: Sequence[int], labels: LabelSpec, augment: Mapping[str, Any]) -> tuple[PatchSampler, T.Compose]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +26,7 @@ def features_per_stage(num_stages: int, base: int = 32, maximum: int = 320) -> l
     return [min(base * 2**s, maximum) for s in range(num_stages)]
 
 
-def dynunet_arguments(topology: Topology, in_channels: int, out_channels: int, base_features: int = 32, max_features: int = 320, deep_supervision: bool = False) -> dict[str, Any]:
+def dynunet_arguments(topology: Topology, in_channels: int, out_channels: int, base_features: int = 32, max_features: int = 320, deep_supervision: bool = False, res_block: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``monai.networks.nets.DynUNet`` for ``topology`` (the ``model.net`` node)."""
     deep_supr_num = max(1, min(2, topology.num_stages - 2))  # DynUNet needs deep_supr_num < number of up-samplings
     return {
@@ -37,7 +38,7 @@ def dynunet_arguments(topology: Topology, in_channels: int, out_channels: int, b
         "upsample_kernel_size": [list(s) for s in topology.strides[1:]],
         "filters": features_per_stage(topology.num_stages, base_features, max_features),
         "norm_name": "INSTANCE",
-        "res_block": True,
+        "res_block": bool(res_block),  # nnU-Net's default: plain convolution blocks
         "deep_supervision": bool(deep_supervision),
         "deep_supr_num": deep_supr_num,
     }
@@ -82,3 +83,78 @@ def dynunet_activation_elements(topology: Topology, in_channels: int, out_channe
         net = build_dynunet(dynunet_arguments(topology, in_channels, out_channels, **arguments))
     parameters = sum(p.numel() for p in net.parameters())
     return activation_elements(net, (batch_size, in_channels, *topology.patch_size)), parameters
+
+
+def training_step_bytes(activations: int, parameters: int, activation_bytes: float, parameter_bytes: float, overhead_bytes: float = 0.0) -> float:
+    """The memory model of one training step over the built network: ``activation_bytes`` per activation
+    element kept for the backward pass (fewer in bf16/fp16 autocast; fitted to :func:`measure_training_step`),
+    ``parameter_bytes`` per parameter (gradient and optimizer state) and a fixed ``overhead_bytes``."""
+    return float(activations) * activation_bytes + float(parameters) * parameter_bytes + float(overhead_bytes)
+
+
+def _peak_rss_bytes() -> float:
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0  # kilobytes on Linux
+
+
+def _current_rss_bytes() -> float:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return float(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_training_step(
+    arguments: dict[str, Any],
+    patch_size: Sequence[int],
+    batch_size: int,
+    device: str = "cpu",
+    precision: str = "32-true",
+    channels_last: bool = True,
+    steps: int = 3,
+    warmup: int = 1,
+) -> tuple[float, float]:
+    """``(seconds per step, bytes)`` of training steps of the DynUNet of ``arguments`` (forward, Dice + CE
+    over its outputs, backward, SGD with momentum) on random batches ``(B, C_in, *patch_size)``.
+
+    The bytes are what the steps add to the built network: CUDA's peak allocation on a GPU; on a CPU the
+    process's peak resident memory above its resident memory before the first step (meaningful in a fresh
+    process, whose earlier peak cannot hide the step's).
+    """
+    import time
+
+    net = build_dynunet(arguments).to(device)
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    image = torch.randn(batch_size, arguments["in_channels"], *patch_size, device=device).contiguous(memory_format=memory_format)
+    target = torch.randint(0, arguments["out_channels"], (batch_size, 1, *patch_size), device=device).float()
+    from medseg.losses import DiceCELoss
+
+    loss_fn = DiceCELoss("softmax")
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    device_type = torch.device(device).type
+    cuda = device_type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = float(torch.cuda.memory_allocated(device))
+    else:
+        before = _current_rss_bytes()
+    seconds = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = net(image)
+        outputs = outputs.unbind(1) if outputs.dim() == 6 else (outputs,)  # deep supervision: (B, S, C, ...)
+        loss = sum(loss_fn(o, target) for o in outputs)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            seconds.append(time.perf_counter() - start)
+    peak = float(torch.cuda.max_memory_allocated(device)) if cuda else _peak_rss_bytes()
+    return float(np.median(seconds)), max(0.0, peak - before)
