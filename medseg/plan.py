@@ -27,7 +27,6 @@ from medseg.planning.memory import dynunet_activation_elements, measure_training
 from medseg.planning.planner import Choice, Plan, PlanOptions, plan_from_fingerprint, render_preset
 
 log = logging.getLogger("medseg")
-CPU_BASE_FEATURES, GPU_BASE_FEATURES, CPU_TRAIN_MINUTES = 16, 32, 30.0
 
 
 def preset_path(output: str) -> Path:
@@ -43,7 +42,7 @@ def device_profile(plan_cfg: DictConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if cuda:
         properties = torch.cuda.get_device_properties(0)
-        memory = float(plan_cfg.gpu_memory_fraction) * properties.total_memory
+        memory = min(float(plan_cfg.gpu_memory_fraction) * properties.total_memory, float(plan_cfg.gpu_memory_cap_gb) * 2**30)
         bf16 = torch.cuda.is_bf16_supported()
         name, precision = f"{properties.name} (cuda)", "bf16-mixed" if bf16 else "16-mixed"
     else:
@@ -52,12 +51,13 @@ def device_profile(plan_cfg: DictConfig) -> dict[str, Any]:
         name, precision = f"CPU ({torch.get_num_threads()} threads)", "bf16-mixed" if bf16 else "32-true"
     minutes = plan_cfg.train_minutes
     if minutes == "auto":
-        minutes = None if cuda else CPU_TRAIN_MINUTES
+        minutes = None if cuda else float(plan_cfg.cpu_train_minutes)
     return {
         "device": "cuda" if cuda else "cpu",
         "name": name,
         "memory_bytes": float(plan_cfg.memory_gb) * 2**30 if plan_cfg.memory_gb else memory,
-        "base_features": int(plan_cfg.base_features or (GPU_BASE_FEATURES if cuda else CPU_BASE_FEATURES)),
+        "base_features": int(plan_cfg.base_features),
+        "max_batch_size": (None if cuda else int(plan_cfg.cpu_max_batch_size)) if plan_cfg.max_batch_size == "auto" else plan_cfg.max_batch_size,
         "precision": precision if plan_cfg.precision == "auto" else str(plan_cfg.precision),
         "train_minutes": float(minutes) if minutes else None,
     }
@@ -67,7 +67,7 @@ def plan_options(plan_cfg: DictConfig, profile: dict[str, Any]) -> PlanOptions:
     keys = ("max_features", "min_feature_map_size", "max_pools", "anisotropy_threshold", "min_batch_size", "max_batch_fraction", "foreground_fraction",
             "rare_foreground_fraction", "rare_foreground", "lesion_components_per_case", "ct_min_intensity", "modality", "channels_last", "total_steps", "time_margin", "validations")
     return PlanOptions(memory_bytes=profile["memory_bytes"], base_features=profile["base_features"], precision=profile["precision"], train_minutes=profile["train_minutes"],
-                       augment=dict(plan_cfg.augment), **{k: plan_cfg[k] for k in keys})
+                       max_batch_size=profile["max_batch_size"], augment=dict(plan_cfg.augment), **{k: plan_cfg[k] for k in keys})
 
 
 def declared_modality(cfg: DictConfig) -> str | None:

@@ -43,10 +43,11 @@ def region_values(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def intensity_stats(voxels: np.ndarray) -> dict[str, float]:
-    """Mean, std and the :data:`PERCENTILES` of ``voxels`` (any shape), in float64; NaN for no voxels."""
+    """Mean, std and the :data:`PERCENTILES` of ``voxels`` (any shape), in float64; ``None`` (JSON null) each
+    for no voxels."""
     voxels = np.asarray(voxels, dtype=np.float64).ravel()
     if voxels.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "p0.5": float("nan"), "p99.5": float("nan")}
+        return {"mean": None, "std": None, "p0.5": None, "p99.5": None}
     low, high = np.percentile(voxels, PERCENTILES)
     return {"mean": float(voxels.mean()), "std": float(voxels.std()), "p0.5": float(low), "p99.5": float(high)}
 

@@ -112,8 +112,8 @@ def measure_training_step(
     device: str = "cpu",
     precision: str = "32-true",
     channels_last: bool = True,
-    steps: int = 3,
-    warmup: int = 1,
+    steps: int = 5,
+    warmup: int = 3,  # oneDNN and the allocator settle over the first steps
 ) -> tuple[float, float]:
     """``(seconds per step, bytes)`` of training steps of the DynUNet of ``arguments`` (forward, Dice + CE
     over its outputs, backward, SGD with momentum) on random batches ``(B, C_in, *patch_size)``.

@@ -65,6 +65,7 @@ class PlanOptions:
         anisotropy_threshold: the factor of :func:`medseg.planning.rules.target_spacing`.
         min_batch_size: the patch shrinks until this batch fits.
         max_batch_fraction: a batch holds at most this fraction of the dataset's voxels (nnU-Net: 5%).
+        max_batch_size: a cap on the batch size (``None``: none).
         foreground_fraction: patches centred on foreground (nnU-Net oversamples 1/3) ...
         rare_foreground_fraction: ... and this many when the foreground is rarer than ``rare_foreground``.
         rare_foreground: mean foreground voxel fraction below which foreground is rare.
@@ -89,6 +90,7 @@ class PlanOptions:
     anisotropy_threshold: float = 3.0
     min_batch_size: int = 2
     max_batch_fraction: float = 0.05
+    max_batch_size: int | None = None
     foreground_fraction: float = 0.33
     rare_foreground_fraction: float = 0.5
     rare_foreground: float = 0.01
@@ -122,7 +124,11 @@ def is_ct(fingerprint: Mapping[str, Any], options: PlanOptions, declared: str | 
         return options.modality == "ct", f"plan.modality={options.modality}"
     if declared:
         return declared.strip().upper() == "CT", f"dataset.json modality {declared!r}"
-    low = float(np.median([r["intensity"][0]["nonzero"]["p0.5"] for r in fingerprint["cases"]]))
+    lows = [r["intensity"][0]["nonzero"]["p0.5"] for r in fingerprint["cases"]]
+    lows = [v for v in lows if v is not None]
+    if not lows:
+        return False, "every image is all zeros"
+    low = float(np.median(lows))
     verdict = low < options.ct_min_intensity
     return verdict, f"median 0.5 percentile of non-zero voxels {low:.0f} {'<' if verdict else '>='} {options.ct_min_intensity:.0f}"
 
@@ -187,6 +193,8 @@ def plan_from_fingerprint(
     ct, reason = is_ct(fingerprint, options, declared_modality)
     if ct:
         stats = dataset["foreground_intensity"][0]
+        if stats["mean"] is None:
+            raise ValueError("CT normalisation needs foreground voxels, but no training case has any label > 0")
         window = [round(stats["p0.5"], 1), round(stats["p99.5"], 1)]
         plan.add("data.intensity", "ct", f"CT ({reason}): clip and z-score with the dataset's foreground statistics")
         plan.add("data.ct_window", window, f"the 0.5 / 99.5 percentiles of all cases' foreground voxels (HU)")
@@ -203,12 +211,17 @@ def plan_from_fingerprint(
         max_batch = max(options.min_batch_size, int(options.max_batch_fraction * training_voxels / np.prod(budget.topology.patch_size)))
         if batch > max_batch:
             batch, estimated = max_batch, float(estimate_bytes(budget.topology, max_batch))
+    capped = bool(options.max_batch_size and batch > options.max_batch_size)
+    if capped:
+        batch, estimated = int(options.max_batch_size), float(estimate_bytes(budget.topology, int(options.max_batch_size)))
     topology = budget.topology
     patch = [int(p) for p in topology.patch_size]
     plan.figures.update(estimated_step_bytes=estimated, memory_budget_bytes=options.memory_bytes, max_batch_by_dataset=max_batch)
     plan.add("data.patch_size", patch, f"median resampled case {_fmt(median_shape, 4)} voxels, fitted to the {options.memory_bytes / 2**30:.1f} GiB budget, divisible by {_fmt(topology.divisible_by)}")
     batch_why = f"what the budget holds at this patch (step estimated at {estimated / 2**30:.2f} GiB)"
-    if max_batch is not None and batch == max_batch and batch < budget.batch_size:
+    if capped:
+        batch_why = f"plan.max_batch_size (the budget holds {budget.batch_size}; step estimated at {estimated / 2**30:.2f} GiB)"
+    elif max_batch is not None and batch == max_batch and batch < budget.batch_size:
         batch_why = f"a batch holds at most {options.max_batch_fraction:.0%} of the training voxels (step estimated at {estimated / 2**30:.2f} GiB)"
     plan.add("data.batch_size", batch, batch_why)
     plan.add("data.samples_per_volume", samples_per_volume, "one patch per loaded case per batch slot")
