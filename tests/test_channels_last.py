@@ -48,7 +48,7 @@ def test_test_time_flips_average_the_flipped_back_probabilities_and_only_in_test
     import pytest
 
     torch.manual_seed(1)
-    net = DynUNet(3, 1, 3, kernel_size=[3, 3], strides=[1, 2], upsample_kernel_size=[2], filters=[4, 8], norm_name="INSTANCE").eval()
+    net = DynUNet(3, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16], norm_name="INSTANCE").eval()
     m = module(net, False)
     m.tta_flip_axes = (0, 2)
     volume = torch.randn(1, 1, 16, 16, 16)

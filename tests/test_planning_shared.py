@@ -31,9 +31,9 @@ def test_brats_samples_plan_1mm_mri_and_the_largest_patch_the_budget_holds(tmp_p
     assert result.value("data.intensity") == "mri"
     patch = np.array(result.value("data.patch_size"))
     median = np.array(fingerprint["dataset"]["median_shape"])
-    assert np.all(patch <= np.ceil(median / 16) * 16) and np.prod(patch) >= 96**3
+    assert np.all(patch <= np.ceil(median / 16) * 16) and np.prod(patch) >= 64**3
     assert result.value("model.lesion_metrics.size_buckets_mm3") or result.value("model.lesion_metrics") is None
-    assert len(result.value("model.net.strides")) >= 5  # 1 mm, >= 96 voxels per axis: 4 or more down-samplings
+    assert len(result.value("model.net.strides")) >= 5  # 1 mm, >= 64 voxels per axis: 4 or more down-samplings
 
 
 def test_ct_abdomen_plan_uses_ct_normalisation_from_the_foreground(tmp_path):
