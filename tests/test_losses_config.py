@@ -25,6 +25,7 @@ EXPECTED = {
     "balanced_ce": losses.BalancedCELoss,
     "topk_ce": losses.TopKCELoss,
     "deep_supervision": losses.DeepSupervisionLoss,
+    "deep_supervision_dice_ce": losses.DeepSupervisionLoss,
     "blob_focal_dice": losses.BlobLoss,
 }
 
@@ -62,12 +63,15 @@ def test_every_loss_option_is_tested():
 def test_loss_option_composes_and_runs(name, mode):
     loss = instantiate(compose_loss(name, mode))
     assert type(loss) is EXPECTED[name]
-    inner = loss.loss if name == "deep_supervision" else loss
+    deep = name.startswith("deep_supervision")
+    inner = loss.loss if deep else loss
     assert inner.mode == mode  # from ${data.labels.mode}
-    logits, target = random_batch(mode, deep=name == "deep_supervision")
+    if name == "deep_supervision_dice_ce":
+        assert type(inner) is losses.DiceCELoss
+    logits, target = random_batch(mode, deep=deep)
     if hasattr(loss, "forward_with_terms"):
         value, terms = loss.forward_with_terms(logits, target)
-        expected = {"dice_ce": {"ce", "dice"}, "blob_focal_dice": {"focal", "dice", "blob"}}.get(name, {"focal", "dice"})
+        expected = {"dice_ce": {"ce", "dice"}, "deep_supervision_dice_ce": {"ce", "dice"}, "blob_focal_dice": {"focal", "dice", "blob"}}.get(name, {"focal", "dice"})
         assert set(terms) == expected
     else:
         value = loss(logits, target)
