@@ -13,7 +13,7 @@ import yaml
 
 from medseg.config import compose
 from medseg.data.labels import LabelSpec
-from medseg.planning.fingerprint import dataset_fingerprint, intensity_stats
+from medseg.planning.fingerprint import dataset_fingerprint
 from medseg.planning.memory import dynunet_activation_elements, training_step_bytes
 from medseg.planning.planner import PlanOptions, plan_from_fingerprint
 
@@ -202,7 +202,8 @@ def test_schedule_is_sized_to_the_training_time_from_the_measured_step(tmp_path)
     assert plan.value("trainer.check_val_every_n_epoch") == plan.value("trainer.max_epochs") // 10
 
 
-def test_plan_entry_point_writes_a_preset_that_training_composes(tmp_path):
+def test_plan_entry_point_writes_a_preset_that_training_composes(tmp_path, monkeypatch):
+    import medseg.planning.fingerprint as fp
     from medseg.plan import plan
 
     root = write_task(tmp_path / "task", 6, (32, 40, 24), (1.0, 1.2, 1.5), mri_image, lambda rng, shape: blob_label(rng, shape, lesions=5))
@@ -211,6 +212,11 @@ def test_plan_entry_point_writes_a_preset_that_training_composes(tmp_path):
                  f"plan.output={output}", "plan.train_minutes=null", "plan.total_steps=100", "plan.cpu_memory_gb=0.25", "plan.workers=0", "paths.output_dir=" + str(tmp_path / "run")]
     result, written = plan(compose("plan", overrides), data_group="msd")
     assert written == output and (output.parent / "fingerprint.json").is_file()
+    read = []
+    original = fp.case_fingerprint
+    monkeypatch.setattr(fp, "case_fingerprint", lambda record, *a, **k: read.append(record["case"]) or original(record, *a, **k))
+    again, _ = plan(compose("plan", overrides), data_group="msd")
+    assert read == [] and again.choices == result.choices  # planning again reuses the written fingerprint
     text = output.read_text()
     preset = yaml.safe_load(text)
     assert preset["data"]["patch_size"] == result.value("data.patch_size")

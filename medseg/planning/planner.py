@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.planning.rules import PatchPlan, Topology, fit_patch_to_budget, target_spacing
+from medseg.planning.rules import Topology, fit_patch_to_budget, target_spacing
 
 
 @dataclass(frozen=True)
