@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from medseg.metrics.cases import pooled_detection
 from medseg.metrics.lesion import lesion_f1
-from medseg.report import write_csv_atomic
+from medseg.io import write_csv_atomic, write_text_atomic
 from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
 
 # Overrides that make a variant (besides the loss config chosen): loss options and patch sampling.
@@ -296,9 +296,7 @@ def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_
     write_csv_atomic(seed_rows, out / "ablation_seeds.csv")
     write_csv_atomic(summary, out / "ablation.csv")
     table = markdown_table(summary, buckets, edges, show_cases=per_fold)
-    tmp = out / ".ablation.md.tmp"
-    tmp.write_text(table)
-    tmp.replace(out / "ablation.md")
+    write_text_atomic(out / "ablation.md", table)
     save_figure(plot_recall_vs_size(summary, buckets, edges), out / "recall_by_lesion_size.png")
     print(table)
     print(f"{len(jobs)} job(s) aggregated into {out} (ablation.csv, ablation_seeds.csv, ablation.md, recall_by_lesion_size.png)")

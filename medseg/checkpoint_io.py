@@ -6,12 +6,13 @@ import logging
 import os
 import pickle
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from medseg.io import write_torch_atomic
 
 log = logging.getLogger("medseg")
 
@@ -43,17 +44,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"expected storage_options=None for a local checkpoint, got {storage_options!r}")
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_torch_atomic(checkpoint, path, fsync=True)  # flushed to disk, then renamed over the old file
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Callable | Any = lambda storage, loc: storage, weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only is not None:

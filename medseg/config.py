@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Tools that compose conf/train.yaml like training (data check, cache build) but make no run folder or log file.
@@ -29,11 +29,29 @@ def check_required(cfg: DictConfig, hints: dict[str, str] | None = None) -> None
     Args:
         hints: extra advice per key, e.g. where to get the data for ``data.root``.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(_missing_keys(cfg))
     if missing:
         advice = " ".join(hints[k] for k in missing if hints and k in hints)
         example = " ".join(f"{k}=..." for k in missing)
         raise ConfigError(f"required config value(s) not set: {', '.join(missing)}; pass them on the command line ({example}). {advice}".strip())
+
+
+def _missing_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Keys left ``???``, found without resolving interpolations (a value read from the dataset, such as
+    ``${medseg.layout_meta:...,${data.root},...}``, cannot be resolved while ``data.root`` is missing)."""
+    found = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        name = f"{prefix}{key}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{key}]"
+        if OmegaConf.is_interpolation(node, key):
+            continue
+        if OmegaConf.is_missing(node, key):
+            found.append(name)
+            continue
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+            found.extend(_missing_keys(child, f"{name}."))
+    return found
 
 
 def _num_outputs(mode: str, names: Sequence[str]) -> int:
@@ -43,8 +61,21 @@ def _num_outputs(mode: str, names: Sequence[str]) -> int:
     return len(names) + (1 if mode == "softmax" else 0)
 
 
+def _num_channels(modalities: Sequence[str]) -> int:
+    """Image channels of a layout whose ``data.modalities`` name the channel files: one file when there are none."""
+    return max(1, len(modalities))
+
+
+def _layout_metadata(layout: str, root: str, key: str) -> object:
+    """One value the dataset at ``root`` states itself (:func:`medseg.data.layouts.layout_metadata`)."""
+    from medseg.data.layouts import layout_metadata
+
+    value = layout_metadata(str(layout), str(root), str(key))
+    return OmegaConf.create(value) if isinstance(value, (dict, list)) else value  # a node: ${data.labels.mode} works
+
+
 def register_resolvers() -> None:
-    """Register ``${medseg.num_outputs:mode,names}``, ``${medseg.run_id:}``, ``${medseg.rank_zero:x}`` and
+    """Register ``${medseg.num_outputs:mode,names}``, ``${medseg.layout_meta:layout,root,key}``, ``${medseg.run_id:}``, ``${medseg.rank_zero:x}`` and
     ``${medseg.rank_suffix:}`` (idempotent)."""
     from medseg.distributed import rank_suffix, rank_zero_value, run_id
 
@@ -53,6 +84,11 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("medseg.run_id"):
         # Cached: one folder name per process, like Hydra's ${now:}.
         OmegaConf.register_new_resolver("medseg.run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("medseg.num_channels"):
+        OmegaConf.register_new_resolver("medseg.num_channels", _num_channels)
+    if not OmegaConf.has_resolver("medseg.layout_meta"):
+        # Settings a dataset states itself (nnU-Net's dataset.json: channels, labels), read when first used.
+        OmegaConf.register_new_resolver("medseg.layout_meta", _layout_metadata)
     if not OmegaConf.has_resolver("medseg.rank_zero"):
         OmegaConf.register_new_resolver("medseg.rank_zero", rank_zero_value)
         OmegaConf.register_new_resolver("medseg.rank_suffix", rank_suffix)

@@ -23,11 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from medseg.config import ConfigError, check_required, register_resolvers
-from medseg.data.datamodule import write_json_atomic
 from medseg.data.labels import LabelSpec, check_label_values
 from medseg.data.layouts import NIFTI_SUFFIXES, DatasetError, find_label_files
+from medseg.io import write_csv_atomic, write_json_atomic
 from medseg.metrics.cases import case_rows, pooled_detection, region_means
-from medseg.report import write_csv_atomic
 from medseg.viz import plot_case_dice, plot_recall_by_size, recall_by_size, save_figure
 
 log = logging.getLogger("medseg")
@@ -66,8 +65,7 @@ def load_pair(pred_path: Path, ref_path: Path, spec: LabelSpec) -> tuple[torch.T
     for path, img in ((pred_path, pred_img), (ref_path, ref_img)):
         label = torch.from_numpy(np.asarray(img.dataobj)).unsqueeze(0)  # (1, D, H, W)
         check_label_values(label, spec, str(path))
-        target = spec.to_target(label)
-        channels.append(target > 0.5 if spec.mode == "sigmoid" else torch.stack([target[0] == c for c in range(1, spec.num_outputs)]))
+        channels.append(spec.to_channels(label))  # (R, D, H, W) bool
     spacing = tuple(float(z) for z in pred_img.header.get_zooms()[:3])
     return channels[0], channels[1], spacing
 

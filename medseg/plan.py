@@ -9,7 +9,6 @@ device -> the preset ``NAME.yaml`` (one comment per choice) -> the train command
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import ConfigError, check_required, register_resolvers
-from medseg.data.layouts import DATA_HELP, DatasetError
+from medseg.data.layouts import DATA_HELP, DatasetError, get_layout
+from medseg.io import write_text_atomic
 from medseg.planning.fingerprint import dataset_fingerprint, read_fingerprint, write_fingerprint
 from medseg.planning.memory import dynunet_activation_elements, measure_training_step, training_step_bytes
 from medseg.planning.planner import Choice, Plan, PlanOptions, plan_from_fingerprint, render_preset
@@ -71,18 +71,11 @@ def plan_options(plan_cfg: DictConfig, profile: dict[str, Any]) -> PlanOptions:
 
 
 def declared_modality(cfg: DictConfig) -> str | None:
-    """Channel 0's modality as ``dataset.json`` states it (MSD layout), if it does."""
-    import json
-
-    if cfg.data.get("layout") != "msd":
-        return None
-    root = Path(cfg.data.root).expanduser()
-    path = root if root.is_file() else root / "dataset.json"
+    """Channel 0's modality as the dataset states it (an MSD or nnU-Net ``dataset.json``), if it does."""
     try:
-        modality = json.loads(path.read_text()).get("modality") or {}
-    except (OSError, ValueError):
+        return get_layout(str(cfg.data.layout)).declared_modality(cfg.data.root)
+    except (DatasetError, OSError, ValueError):
         return None
-    return str(modality.get("0")) if isinstance(modality, dict) and "0" in modality else None
 
 
 def carried_choices(cfg: DictConfig, keys: list[str], source: str) -> list[Choice]:
@@ -139,9 +132,7 @@ def plan(cfg: DictConfig, data_group: str = "brats", source: str = "the command 
         f"Train: python -m medseg.train hydra.searchpath=[file://{output.parent.parent.resolve()}] +experiment={name} data.root={cfg.data.root}",
     ]
     text = render_preset(result, name, header, data_group, carried_choices(cfg, list(cfg.plan.carry), source))
-    partial = output.with_name(f".{output.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, output)
+    write_text_atomic(output, text)
     return result, output
 
 

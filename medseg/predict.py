@@ -15,7 +15,6 @@ file or error, in the input's order.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,7 +25,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import hydra
 import nibabel as nib
@@ -39,22 +38,14 @@ from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from medseg.build import build_model, preprocessing_from_config
 from medseg.config import ConfigError, check_required, register_resolvers
-from medseg.data.datamodule import write_json_atomic
 from medseg.data.labels import LabelSpec
-from medseg.data.layouts import (
-    BRATS_2023_NAMES,
-    NIFTI_SUFFIXES,
-    CaseRecord,
-    DatasetError,
-    brats_file,
-    find_brats_cases,
-    read_msd_datalist,
-)
-from medseg.data.transforms import IMAGE, preprocessing
+from medseg.data.layouts import CaseRecord, DatasetError, find_input_cases
+from medseg.data.transforms import IMAGE
+from medseg.io import write_json_atomic, write_nifti_atomic
 from medseg.module import SegmentationModule
 from medseg.postprocess import OperatingPoint, postprocess
-from medseg.train import build_model
 
 log = logging.getLogger("medseg")
 PRED = "pred"
@@ -103,72 +94,20 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
     return model.eval(), cfg
 
 
-class InputCases(NamedTuple):
-    """What the ``input`` key names: the cases, the folders the output must differ from, and the BraTS
-    root when ``input`` is one (a folder inside it would look like a case folder to later runs)."""
-
-    cases: list[CaseRecord]
-    folders: list[Path]
-    brats_root: Path | None = None
-
-
-def find_input_cases(source: Any, modalities: list[str] | tuple[str, ...], data_section: str = "auto") -> InputCases:
-    """The cases named by the ``input`` key, and the folders they live in.
-
-    Args:
-        source: a BraTS case folder (``CASE/CASE_<modality>.nii.gz``), a BraTS-layout root, an MSD task
-            folder or ``dataset.json``, one NIfTI file, or a list of NIfTI files forming one case's channels.
-        modalities: BraTS modality names in channel order (the checkpoint's ``data.modalities``).
-        data_section: MSD only: ``"test"``, ``"training"`` or ``"auto"`` (test if listed, else training).
-
-    Returns:
-        Case records (``{"case", "image": [files], "label"}``); the input folders: the folder named by
-        ``source`` and every folder holding an image file; the BraTS root if ``source`` is one.
-
-    Raises:
-        DatasetError: missing paths, incomplete cases, a malformed dataset.json.
-        ConfigError: ``data_section`` is not one of the three values.
-    """
-    if data_section not in ("auto", "test", "training"):
-        raise ConfigError(f"expected data_section 'auto', 'test' or 'training', got {data_section!r}")
-    if isinstance(source, (list, tuple, ListConfig)):
-        files = [Path(str(f)).expanduser().resolve() for f in source]
-        if not files:
-            raise DatasetError("input is an empty list; expected one NIfTI file per channel of a case")
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise DatasetError(f"input file(s) not found: {missing}")
-        cases = [{"case": _case_id_from_file(files[0], modalities), "image": [str(f) for f in files], "label": None}]
-        return InputCases(cases, _folders(cases))
-    path = Path(str(source)).expanduser().resolve()
-    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
-        return find_input_cases([path], modalities, data_section)
-    if path.suffix == ".json" or (path / "dataset.json").is_file():
-        cases = read_msd_datalist(path, section=_msd_section(path, data_section), require_label=False)
-        return InputCases(cases, [path.parent if path.suffix == ".json" else path, *_folders(cases)])
-    if not path.is_dir():
-        raise DatasetError(f"input {str(path)!r} does not exist; expected a case folder, a BraTS root, an MSD task folder or dataset.json, or NIfTI files")
-    images = [brats_file(path, path.name, m) for m in modalities]
-    if all(images):  # one BraTS case folder
-        return InputCases([{"case": path.name, "image": [str(f) for f in images], "label": None}], [path])
-    cases = find_brats_cases(path, modalities, require_label=False)
-    return InputCases(cases, [path, *_folders(cases)], brats_root=path)
-
-
-def check_output_folder(output: str | Path, input_folders: list[Path], brats_root: Path | None = None) -> Path:
+def check_output_folder(output: str | Path, input_folders: list[Path], enclosing_root: Path | None = None) -> Path:
     """The resolved output folder, refused when predictions could land among the input files.
 
     Raises:
-        ConfigError: ``output`` is an existing file, one of ``input_folders``, or inside ``brats_root``
-            (where a later run would take it for an incomplete case folder).
+        ConfigError: ``output`` is an existing file, one of ``input_folders``, or inside ``enclosing_root`` (a
+            BraTS root, where a later run would take it for an incomplete case folder).
     """
     out = Path(output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output={str(out)!r} is a file; expected a folder for the predictions")
     if out in {p.resolve() for p in input_folders}:
         raise ConfigError(f"output={str(out)!r} is an input folder; choose another folder so that predictions never mix with (or replace) input files")
-    if brats_root is not None and out.is_relative_to(brats_root.resolve()):
-        raise ConfigError(f"output={str(out)!r} is inside the BraTS input root {str(brats_root)!r}, where it would look like a case folder; choose a folder outside it")
+    if enclosing_root is not None and out.is_relative_to(enclosing_root.resolve()):
+        raise ConfigError(f"output={str(out)!r} is inside the input root {str(enclosing_root)!r}, where it would look like a case folder; choose a folder outside it")
     return out
 
 
@@ -243,28 +182,6 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
         index = (crop * np.arange(1, crop.shape[0] + 1)[:, None, None, None]).sum(0)  # classes are exclusive
         labels[box] = spec.to_labels(torch.from_numpy(index)[None])[0].numpy()
     return labels
-
-
-def write_nifti_atomic(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Save ``array`` with the affine and header of ``reference`` (temporary file, then rename).
-
-    Args:
-        array: ``(X, Y, Z)`` or ``(X, Y, Z, C)`` whose first three axes are ``reference``'s voxel grid.
-
-    Raises:
-        ValueError: the spatial shape differs from ``reference``'s.
-    """
-    if tuple(array.shape[:3]) != tuple(reference.shape[:3]):
-        raise ValueError(f"expected an array of spatial shape {tuple(reference.shape[:3])} (the input's), got {tuple(array.shape)}")
-    header = reference.header.copy()
-    header.set_data_dtype(array.dtype)
-    image = nib.Nifti1Image(array, reference.affine, header=header)  # sform/qform codes and zooms kept
-    tmp = path.with_name(f".{path.name.removesuffix('.nii.gz')}.tmp{os.getpid()}.nii.gz")
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -495,22 +412,15 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     model, train_cfg = load_model(cfg.ckpt_path, inferer)
     model.to(device)
     data_cfg = train_cfg.data
-    cases, input_folders, brats_root = find_input_cases(cfg.input, list(data_cfg.get("modalities") or ()), str(cfg.data_section))
-    output = check_output_folder(cfg.output, input_folders, brats_root)
+    source = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
+    cases, input_folders, enclosing_root = find_input_cases(source, list(data_cfg.get("modalities") or ()), str(cfg.data_section), data_cfg.get("layout"))
+    output = check_output_folder(cfg.output, input_folders, enclosing_root)
     names = [output_name(str(c["case"])) for c in cases]
     if len(set(names)) < len(names):
         raise DatasetError(f"input {cfg.input}: several cases would be written to {sorted({n for n in names if names.count(n) > 1})[:5]}")
 
     spec = LabelSpec.from_config(data_cfg.labels)
-    transform = preprocessing(
-        spec,
-        with_label=False,
-        spacing=data_cfg.get("spacing"),
-        intensity=data_cfg.get("intensity", "mri"),
-        ct_window=data_cfg.get("ct_window", (-175.0, 250.0)),
-        ct_zscore=data_cfg.get("ct_zscore"),
-        crop_foreground=data_cfg.get("crop_foreground", True),
-    )
+    transform = preprocessing_from_config(data_cfg, with_label=False)
     # The checkpoint's operating point (tuned after training, or its model.threshold), unless overridden here.
     point = model.postprocessing.with_overrides(cfg.get("threshold"), cfg.get("min_component_mm3"))
     options = PredictOptions(
@@ -552,34 +462,6 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
     return torch.device(name)
-
-
-def _msd_section(path: Path, data_section: str) -> str:
-    """``auto``: ``test`` when dataset.json lists test images, else ``training``."""
-    if data_section != "auto":
-        return data_section
-    json_path = path if path.suffix == ".json" else path / "dataset.json"
-    try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return "test"  # read_msd_datalist reports the problem with its own message
-    return "test" if isinstance(meta, dict) and meta.get("test") else "training"
-
-
-def _case_id_from_file(path: Path, modalities: list[str] | tuple[str, ...]) -> str:
-    """``BraTS_001_t1.nii.gz`` -> ``BraTS_001`` (known modality suffixes dropped), ``scan.nii`` -> ``scan``."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        name = name.removesuffix(suffix)
-    for modality in modalities:
-        for tail in (f"_{modality}", f"-{BRATS_2023_NAMES.get(modality, modality)}"):
-            if name.endswith(tail) and len(name) > len(tail):
-                return name.removesuffix(tail)
-    return name
-
-
-def _folders(cases: list[CaseRecord]) -> list[Path]:
-    return sorted({Path(f).resolve().parent for c in cases for f in c["image"]})
 
 
 def _label_dtype(spec: LabelSpec) -> type:

@@ -1,13 +1,9 @@
-"""Human-readable summaries of metric dictionaries: console tables, per-case CSV files."""
+"""Human-readable summaries of metric dictionaries: console tables (per-case CSV files: :func:`medseg.io.write_csv_atomic`)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -68,17 +64,3 @@ def print_metrics_table(metrics: Mapping[str, Any], names: Sequence[str], stage:
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Tensors and numbers to plain floats (for JSON)."""
     return {k: _as_float(v) for k, v in metrics.items()}
-
-
-def write_csv_atomic(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Rows (dicts; columns in first-seen order) as CSV, written to a temporary file then renamed."""
-    path = Path(path)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)

@@ -7,13 +7,14 @@ The stored notebook is never modified (it is kept without outputs); the executed
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+from medseg.io import atomic_path
 
 
 def run_notebook(path: str | Path, out_dir: str | Path = "outputs/notebooks", timeout: int = 900) -> tuple[Path, int]:
@@ -30,9 +31,8 @@ def run_notebook(path: str | Path, out_dir: str | Path = "outputs/notebooks", ti
     NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(Path.cwd())}}).execute()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / path.name
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    nbformat.write(notebook, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        nbformat.write(notebook, tmp)
     figures = sum("image/png" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
     return target, figures
 

@@ -20,30 +20,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from medseg.build import build_model, instantiate_group
 from medseg.checkpoint_io import update_checkpoint
 from medseg.config import ConfigError, check_required, register_resolvers
-from medseg.data.datamodule import write_json_atomic
 from medseg.data.layouts import DATA_HELP, DatasetError
 from medseg.distributed import one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
+from medseg.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from medseg.module import NonFiniteLossError, SegmentationModule
 from medseg.metrics.cases import region_means
 from medseg.postprocess import CHECKPOINT_KEY
-from medseg.report import print_metrics_table, to_floats, write_csv_atomic
+from medseg.report import print_metrics_table, to_floats
 
 log = logging.getLogger("medseg")
-
-
-def build_model(cfg: DictConfig) -> SegmentationModule:
-    """The LightningModule of a composed config: ``model`` with ``loss``, ``optimizer`` and ``scheduler``."""
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    model = instantiate(cfg.model, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    return model
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a callbacks/logger group."""
-    return [instantiate(node) for node in (group or {}).values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -123,9 +111,7 @@ def save_operating_point(cfg: DictConfig, point: Any, table: list[dict[str, Any]
 @rank_zero_only
 def save_config(cfg: DictConfig) -> None:
     """The resolved config next to the run's outputs (Hydra also keeps the unresolved one in .hydra/)."""
-    path = Path(cfg.paths.output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+    write_text_atomic(Path(cfg.paths.output_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 @rank_zero_only

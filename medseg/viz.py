@@ -29,6 +29,8 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from medseg.io import write_figure_atomic  # noqa: E402
+
 Row = Mapping[str, Any]
 
 
@@ -150,14 +152,11 @@ def plot_operating_point(rows: Sequence[Row], chosen: Mapping[str, Mapping[str, 
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write a figure as PNG atomically (temporary file, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    """Write a figure as PNG atomically (:func:`medseg.io.write_figure_atomic`) and close it."""
+    try:
+        return write_figure_atomic(fig, path, dpi)
+    finally:
+        plt.close(fig)
 
 
 # Axes of a RAS-ordered array (x: left->right, y: posterior->anterior, z: inferior->superior) and the plane
@@ -321,7 +320,7 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
     """
     from medseg.config import compose
     from medseg.data.labels import LabelSpec
-    from medseg.data.layouts import find_cases
+    from medseg.data.layouts import find_cases, get_layout
     from medseg.metrics.lesion import lesion_table
     from medseg.predict import predict
 
@@ -346,10 +345,9 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
 
     channel = spec.names.index(region)
     def mask(path: str) -> np.ndarray:
-        target = spec.to_target(torch.from_numpy(np.asarray(_canonical(path).dataobj))[None])
-        return (target[channel] > 0.5 if spec.mode == "sigmoid" else target[0] == channel + 1).numpy()
+        return spec.to_channels(np.asarray(_canonical(path).dataobj)[None])[channel]
 
-    names = data.get("modalities") if data["layout"] == "brats" else [f"channel {i}" for i in range(len(record["image"]))]
+    names = get_layout(data["layout"]).channel_names(data["root"], data.get("modalities") or (), len(record["image"]))
     images = {str(n): np.asarray(_canonical(f).dataobj, dtype=np.float32) for n, f in zip(names, record["image"])}
     reference, prediction = mask(record["label"]), mask(str(predicted))
     spacing = tuple(float(z) for z in _canonical(record["label"]).header.get_zooms()[:3])

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from medseg.ablation import aggregate, job_folders, main
-from medseg.report import write_csv_atomic
+from medseg.io import write_csv_atomic
 
 BUCKETS = {"bucket_names": ["small", "large"], "size_buckets_mm3": [100.0]}
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from medseg.build import build_model, instantiate_group
 from medseg.config import CONFIG_DIR, compose
-from medseg.train import build_model
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "module")
@@ -69,3 +71,34 @@ def test_cli_missing_data_root_is_one_readable_error(tmp_path):
     assert result.returncode == 1
     output = result.stderr + result.stdout
     assert "data.root" in output and "synapse" in output and "Traceback" not in output
+
+
+# Trainer arguments that medseg.train passes itself (from the callbacks and logger groups): not in the trainer node.
+PASSED_BY_TRAIN = {"callbacks", "logger"}
+# The arguments conf/trainer/default.yaml sets to this project's values; every other one holds Lightning's default.
+PROJECT_TRAINER_VALUES = {"devices", "precision", "max_epochs", "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps", "gradient_clip_val", "deterministic", "benchmark", "plugins", "default_root_dir"}
+TRAINER_ARGUMENTS = {name: p.default for name, p in inspect.signature(L.Trainer.__init__).parameters.items() if name != "self"}
+TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_argument_is_a_key_of_the_trainer_node(trainer, tmp_path):
+    # A Lightning release with a new Trainer argument fails here: add it to conf/trainer/default.yaml with its default.
+    keys = set(compose("train", [f"trainer={trainer}", f"paths.output_dir={tmp_path}", "data.root=/x"]).trainer) - {"_target_"}
+    assert set(TRAINER_ARGUMENTS) - PASSED_BY_TRAIN - keys == set()
+    assert keys - set(TRAINER_ARGUMENTS) == set() and keys & PASSED_BY_TRAIN == set()
+
+
+def test_the_trainer_defaults_are_lightnings_where_the_project_sets_none():
+    node = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "trainer" / "default.yaml"))  # interpolations unresolved
+    differ = {name for name, value in node.items() if name != "_target_" and value != TRAINER_ARGUMENTS[name]}
+    assert differ == PROJECT_TRAINER_VALUES
+
+
+def test_any_trainer_argument_is_set_without_plus(tmp_path):
+    overrides = ["trainer=cpu", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0.5", "trainer.max_steps=3", "trainer.enable_model_summary=false"]
+    cfg = compose("train", [*overrides, f"paths.output_dir={tmp_path}", "data.root=/x"])
+    # instantiated as medseg.train does: callbacks and loggers from their groups
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
+    assert (trainer.limit_train_batches, trainer.limit_val_batches, trainer.max_steps, trainer.max_epochs) == (2, 0.5, 3, cfg.trainer.max_epochs)
+    assert len(trainer.loggers) == 2 and sum(type(c).__name__ == "ModelCheckpoint" for c in trainer.callbacks) == 2

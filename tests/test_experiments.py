@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from conftest import shared_dataset
 from medseg.config import CONFIG_DIR, compose
-from medseg.train import build_model
+from medseg.build import build_model
 
 TASKS = {"small_lesions": [], "ms_lesions": ["experiment@_global_=ms_lesions", "data.root=unused"]}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medseg.data.labels import ConvertLabelsd, LabelSpec
+from medseg.data.labels import ConvertLabelsd, LabelSpec, region_sizes
 
 from conftest import BRATS_LABELS
 
@@ -70,3 +70,50 @@ def test_conversion_keeps_geometry_metadata(brats):
     label = MetaTensor(torch.tensor([[[[0.0, 4.0]]]]), affine=affine)
     out = ConvertLabelsd("label", brats)({"label": label})["label"]
     assert isinstance(out, MetaTensor) and torch.equal(out.affine, affine.double()) and out.shape == (3, 1, 1, 2)
+
+
+# LabelSpec.to_channels: one boolean mask per region (sigmoid) or foreground class (softmax).
+CHANNEL_SPECS = {
+    "brats_sigmoid": LabelSpec.from_config(BRATS_LABELS),
+    "brats_softmax": LabelSpec("softmax", ("ncr", "ed", "et"), (0, 1, 2, 4)),
+    "two_classes": LabelSpec("softmax", ("anterior", "posterior"), (0, 1, 2)),
+    "overlapping": LabelSpec("sigmoid", ("a", "ab", "c"), (0, 1, 2, 3), {"a": (1,), "ab": (1, 2), "c": (3,)}),
+}
+
+
+def reference_channels(spec: LabelSpec, label: np.ndarray) -> np.ndarray:
+    """Voxel by voxel, from the spec's definition: in region ``name`` when the value is one of
+    ``regions[name]`` (sigmoid), in class ``r`` when the value is ``values[r + 1]`` (softmax)."""
+    members = [set(spec.regions[n]) for n in spec.names] if spec.mode == "sigmoid" else [{v} for v in spec.values[1:]]
+    out = np.zeros((len(spec.names), *label.shape), dtype=bool)
+    for index in np.ndindex(*label.shape):
+        for r, values in enumerate(members):
+            out[(r, *index)] = int(label[index]) in values
+    return out
+
+
+@pytest.mark.parametrize("name", list(CHANNEL_SPECS))
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, np.float32])
+def test_to_channels_matches_a_voxelwise_reference_on_random_labels(name, dtype):
+    spec = CHANNEL_SPECS[name]
+    label = np.random.default_rng(len(name)).choice(spec.values, size=(7, 6, 5)).astype(dtype)  # (X, Y, Z)
+    expected = reference_channels(spec, label)  # (R, X, Y, Z)
+    from_numpy = spec.to_channels(label[None])
+    from_torch = spec.to_channels(torch.from_numpy(label)[None])
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == bool and from_numpy.shape == (len(spec.names), 7, 6, 5)
+    assert isinstance(from_torch, torch.Tensor) and from_torch.dtype == torch.bool
+    np.testing.assert_array_equal(from_numpy, expected)
+    np.testing.assert_array_equal(from_torch.numpy(), expected)
+    # the masks the metrics used to derive from the training target
+    target = spec.to_target(torch.from_numpy(label.astype(np.int64))[None])
+    derived = target > 0.5 if spec.mode == "sigmoid" else torch.stack([target[0] == r + 1 for r in range(len(spec.names))])
+    assert torch.equal(from_torch, derived)
+
+
+def test_to_channels_hand_computed(brats):
+    label = torch.tensor([0, 1, 2, 4]).view(1, 4, 1, 1)
+    assert brats.to_channels(label)[:, :, 0, 0].tolist() == [[False, True, True, True], [False, True, False, True], [False, False, False, True]]
+    assert brats.channel_values == ((1, 2, 4), (1, 4), (4,))
+    assert CHANNEL_SPECS["brats_softmax"].channel_values == ((1,), (2,), (4,))
+    assert region_sizes(brats, np.array([0, 1, 2, 4, 4]).reshape(5, 1, 1)) == {"wt": 4, "tc": 3, "et": 2}
+    assert region_sizes(CHANNEL_SPECS["brats_softmax"], np.array([0, 1, 2, 4, 4]).reshape(5, 1, 1)) == {"ncr": 1, "ed": 1, "et": 2}

@@ -229,7 +229,7 @@ def test_plan_entry_point_writes_a_preset_that_training_composes(tmp_path, monke
     assert cfg.model.net._target_ == "monai.networks.nets.DynUNet" and cfg.loss.loss._target_ == "medseg.losses.DiceCELoss"
     assert list(cfg.data.patch_size) == result.value("data.patch_size") and list(cfg.model.net.strides) == result.value("model.net.strides")
     assert list(cfg.model.tta_flip_axes) == [0] and cfg.optimizer._target_ == "torch.optim.SGD"
-    from medseg.train import build_model
+    from medseg.build import build_model
 
     import torch
 

@@ -83,7 +83,7 @@ def untrained_checkpoint(path: Path, *overrides: str) -> Path:
     from omegaconf import OmegaConf
 
     from medseg.config import compose
-    from medseg.train import build_model
+    from medseg.build import build_model
 
     cfg = compose("train", [f"paths.output_dir={path.parent}", *overrides])
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def checkpoint(brats_tree, tmp_path_factory) -> Path:
     from medseg.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(tiny_run(brats_tree, out, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "evaluate_best=false", "data.val_fraction=0", "data.spacing=[4.0,4.0,4.0]", "logger=csv"))
+    train(tiny_run(brats_tree, out, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "evaluate_best=false", "data.val_fraction=0", "data.spacing=[4.0,4.0,4.0]", "logger=csv"))
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -156,9 +156,9 @@ def expected_labels(case_dir: Path) -> np.ndarray:
 def test_input_kinds_resolve_to_cases(brats_tree, tmp_path):
     case = brats_tree / "SYN-0001"
     root = find_input_cases(brats_tree, CONTRASTS)
-    assert [c["case"] for c in root.cases] == [f"SYN-000{i}" for i in range(6)] and root.brats_root == brats_tree.resolve()
+    assert [c["case"] for c in root.cases] == [f"SYN-000{i}" for i in range(6)] and root.enclosing_root == brats_tree.resolve()
     one = find_input_cases(case, CONTRASTS)
-    assert [c["case"] for c in one.cases] == ["SYN-0001"] and one.brats_root is None
+    assert [c["case"] for c in one.cases] == ["SYN-0001"] and one.enclosing_root is None
     assert [Path(f).name for f in one.cases[0]["image"]] == [f"SYN-0001_{m}.nii.gz" for m in CONTRASTS]
     files = [case / f"SYN-0001_{m}.nii.gz" for m in CONTRASTS]
     listed = find_input_cases([str(f) for f in files], CONTRASTS)
@@ -181,12 +181,12 @@ def test_output_folder_equal_to_or_inside_an_input_folder_is_refused(brats_tree,
     root = find_input_cases(brats_tree, CONTRASTS)
     for bad in (brats_tree, brats_tree / "SYN-0002", brats_tree / "predictions"):
         with pytest.raises(ConfigError, match="output="):
-            check_output_folder(bad, root.folders, root.brats_root)
+            check_output_folder(bad, root.folders, root.enclosing_root)
     case = find_input_cases(brats_tree / "SYN-0002", CONTRASTS)
     with pytest.raises(ConfigError, match="is an input folder"):
-        check_output_folder(brats_tree / "SYN-0002" / ".." / "SYN-0002", case.folders, case.brats_root)
-    assert check_output_folder(tmp_path / "out", root.folders, root.brats_root) == (tmp_path / "out").resolve()
-    assert check_output_folder(brats_tree / "SYN-0002-pred", case.folders, case.brats_root).name == "SYN-0002-pred"  # beside a case folder is fine
+        check_output_folder(brats_tree / "SYN-0002" / ".." / "SYN-0002", case.folders, case.enclosing_root)
+    assert check_output_folder(tmp_path / "out", root.folders, root.enclosing_root) == (tmp_path / "out").resolve()
+    assert check_output_folder(brats_tree / "SYN-0002-pred", case.folders, case.enclosing_root).name == "SYN-0002-pred"  # beside a case folder is fine
 
 
 def test_segment_softmax_classes_and_small_components():

@@ -17,7 +17,7 @@ import torch
 from medseg.bench import BENCHMARKS
 from medseg.bench.report import SCHEMA_VERSION, BenchResult, environment, finite_json, markdown_rows, print_table
 from medseg.bench.workload import DEFAULT_CACHE_DIR, BenchOptions
-from medseg.data.datamodule import write_json_atomic
+from medseg.io import write_json_atomic
 
 DEFAULT_OUT = Path("outputs/bench/bench.json")
 

@@ -196,7 +196,7 @@ def training_overrides(root: Path, run_dir: Path, cache_dir: Path, patch: int, s
     """
     return [
         "+experiment=demo", f"data.root={root}", "data.synthetic=null", "data.val_fraction=0", "evaluate_best=false",
-        patch_override(patch), f"+trainer.max_steps={steps}", "trainer.max_epochs=1000", "data.num_workers=0", f"hydra.run.dir={run_dir}",
+        patch_override(patch), f"trainer.max_steps={steps}", "trainer.max_epochs=1000", "data.num_workers=0", f"hydra.run.dir={run_dir}",
         f"paths.cache_dir={cache_dir}", f"data.check.cache_dir={run_dir.parent / '.data_checks'}", "~callbacks.model_summary",
         "~callbacks.progress_bar", *extra,
     ]  # fmt: skip

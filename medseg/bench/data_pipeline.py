@@ -33,8 +33,8 @@ from torch import Tensor
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
 from medseg.bench.timing import clock, time_alternating
 from medseg.bench.workload import BenchOptions, ReferenceStep, compose_config, patch_override, synthetic_dataset
+from medseg.build import build_model
 from medseg.data.datamodule import SegmentationDataModule
-from medseg.train import build_model
 
 NAME = "data"
 GOAL = Goal(">=", 1.0)  # issue 8: the loader never starves the model

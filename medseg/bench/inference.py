@@ -47,11 +47,12 @@ from torch import Tensor, nn
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
 from medseg.bench.timing import Timing, clock, peak_memory, peak_rss_growth, time_alternating
 from medseg.bench.workload import BenchOptions, compose_config, patch_override, synthetic_dataset
+from medseg.build import build_model, preprocessing_from_config
 from medseg.config import compose
-from medseg.data.transforms import IMAGE, preprocessing
+from medseg.data.transforms import IMAGE
+from medseg.io import write_nifti_atomic
 from medseg.module import SegmentationModule
-from medseg.predict import PredictOptions, find_input_cases, infer_probabilities, predict_case, predict_cases, segment, to_original_geometry, write_nifti_atomic
-from medseg.train import build_model
+from medseg.predict import PredictOptions, find_input_cases, infer_probabilities, predict_case, predict_cases, segment, to_original_geometry
 
 NAME = "inference"
 GOAL = Goal("<=", 1.05)  # issue 8: medseg.predict within 5% of calling MONAI directly
@@ -100,16 +101,7 @@ def monai_probabilities(net: nn.Module, image: Tensor, inferer: Mapping[str, Any
 
 def prediction_transform(cfg: DictConfig, model: SegmentationModule) -> Any:
     """The preprocessing ``medseg.predict`` builds from a checkpoint's config (images only)."""
-    data = cfg.data
-    return preprocessing(
-        model.label_spec,
-        with_label=False,
-        spacing=data.get("spacing"),
-        intensity=data.get("intensity", "mri"),
-        ct_window=data.get("ct_window", (-175.0, 250.0)),
-        ct_zscore=data.get("ct_zscore"),
-        crop_foreground=data.get("crop_foreground", True),
-    )
+    return preprocessing_from_config(cfg.data, with_label=False)
 
 
 def stage_seconds(record: dict[str, Any], model: SegmentationModule, transform: Any, options: PredictOptions) -> dict[str, float]:

@@ -25,8 +25,8 @@ import torch
 from medseg.bench.report import BenchResult, Contender, Figure
 from medseg.bench.timing import Timing, peak_memory, time_alternating
 from medseg.bench.workload import BenchOptions, ReferenceStep, compose_config, patch_override, random_batch
+from medseg.build import build_model
 from medseg.predict import infer_probabilities
-from medseg.train import build_model
 
 NAME = "scaling"
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
 from medseg.bench.timing import PeakMemory, Timing, clock
 from medseg.bench.workload import BenchOptions, ReferenceStep, compose_config, patch_override, random_batch
-from medseg.train import build_model, instantiate_group
+from medseg.build import build_model, instantiate_group
 
 NAME = "train_step"
 GOAL = Goal("<=", 1.05)  # issue 8: Lightning costs at most 5% over a hand-written loop

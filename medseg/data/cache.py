@@ -39,7 +39,7 @@ import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,10 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.data.labels import LabelSpec
-from medseg.data.layouts import CaseRecord, DatasetError
+from medseg.data.layouts import CaseRecord, DatasetError, get_layout
 from medseg.data.sampling import IndexOptions, build_sampling_index
 from medseg.data.transforms import IMAGE, LABEL, preprocessing
+from medseg.io import atomic_path
 
 log = logging.getLogger("medseg")
 FORMAT_VERSION = 1
@@ -175,7 +176,7 @@ class CaseCache:
     def for_dataset(cls, cache_dir: str | Path, layout: str, root: str | Path, modalities: Sequence[str], preprocessor: CasePreprocessor) -> CaseCache:
         """The cache folder of a dataset: ``<cache_dir>/<root folder name>-<12 hex digits of the options' hash>``."""
         root = Path(root).expanduser().resolve()
-        key = {"format": FORMAT_VERSION, "monai": monai.__version__, "layout": layout, "root": str(root), "modalities": list(modalities) if layout == "brats" else None, **preprocessor.key()}
+        key = {"format": FORMAT_VERSION, "monai": monai.__version__, "layout": layout, "root": str(root), "modalities": list(modalities) if get_layout(layout).modalities_name_files else None, **preprocessor.key()}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return cls(Path(cache_dir).expanduser() / f"{root.name or 'root'}-{digest}", key)
 
@@ -370,13 +371,11 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], str] | None:
 
 def _write_synced(path: Path, write: Any, atomic: bool = False) -> None:
     """Write a file and flush it to disk; ``atomic``: through a temporary file and a rename."""
-    target = path.with_name(f".{path.name}.tmp{os.getpid()}") if atomic else path
-    with open(target, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    if atomic:
-        os.replace(target, path)
+    with atomic_path(path) if atomic else nullcontext(path) as target:
+        with open(target, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from medseg.config import ConfigError, check_required, register_resolvers, run_without_run_folder
 from medseg.data.labels import LabelSpec, label_values_problem
 from medseg.data.layouts import DATA_HELP, CaseRecord, DatasetError, scan_cases
+from medseg.io import write_json_atomic
 
 log = logging.getLogger("medseg")
 Severity = Literal["error", "warning"]
@@ -243,12 +244,8 @@ class FactsCache:
         if self.path is None or (self.reads == 0 and files.keys() == self._old.keys()):
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Written beside and renamed, so a concurrent check never reads half a file (not
-            # datamodule.write_json_atomic: importing the data module would pull Lightning into the CLI).
-            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": files}))
-            os.replace(tmp, self.path)
+            # Written beside and renamed, so a concurrent check never reads half a file.
+            write_json_atomic(self.path, {"version": CACHE_VERSION, "files": files}, indent=None)
         except OSError as err:  # a read-only cache folder makes later checks slower, not wrong
             log.warning("Data check: could not write the cache %s (%s); set data.check.cache_dir to a writable folder", self.path, err)
 
@@ -328,7 +325,7 @@ def _check_case(
 
 
 def check_dataset(
-    layout: Literal["brats", "msd"],
+    layout: str,
     root: str | Path,
     labels: LabelSpec | Mapping[str, Any],
     modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
@@ -343,7 +340,7 @@ def check_dataset(
     """Check a labelled dataset and report every problem found (nothing is raised for problems of the data).
 
     Args:
-        layout: ``"brats"`` (one folder per case) or ``"msd"`` (``dataset.json``).
+        layout: a registered layout name (:mod:`medseg.data.layouts`: ``brats``, ``msd``, ``nnunet``, ``folder``).
         root: the dataset folder (MSD: the folder holding ``dataset.json``, or the file).
         labels: the label convention, or the ``data.labels`` config node.
         modalities: BraTS modality names in channel order (MSD lists its files in ``dataset.json``).
@@ -410,7 +407,7 @@ def check_command(root: str | Path) -> str:
 
 
 def check_before_training(
-    layout: Literal["brats", "msd"],
+    layout: str,
     root: str | Path,
     labels: LabelSpec | Mapping[str, Any],
     modalities: Sequence[str],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +20,10 @@ from medseg.data.cache import BuildSummary, CaseCache, CasePreprocessor
 from medseg.data.check import check_before_training
 from medseg.data.datasets import CACHE_MODES, CaseStore, DiskStore, FreshStore, MemoryStore, PatchDataset, VolumeDataset
 from medseg.data.labels import LabelSpec
-from medseg.data.layouts import CaseRecord, find_cases
+from medseg.data.layouts import CaseRecord, find_cases, get_layout
 from medseg.data.sampling import IndexOptions
-from medseg.data.transforms import check_intensity, patches_from_config, preprocessing
+from medseg.data.transforms import DEFAULT_CT_WINDOW, check_intensity, patches_from_config, preprocessing, preprocessing_options
+from medseg.io import write_json_atomic
 
 
 def split_cases(
@@ -88,20 +88,11 @@ def _fold_split(ordered: list[CaseRecord], fold: int, num_folds: int | None) -> 
     return train, val
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 class SegmentationDataModule(L.LightningDataModule):
     """Cases of a BraTS or MSD dataset as training patches and whole validation volumes.
 
     Args:
-        layout: ``"brats"`` (one folder per case) or ``"msd"`` (``dataset.json``).
+        layout: a registered layout name (:mod:`medseg.data.layouts`: ``brats``, ``msd``, ``nnunet``, ``folder``).
         root: dataset folder.
         labels: the ``data.labels`` node (see :class:`medseg.data.labels.LabelSpec`).
         modalities: BraTS modality names in channel order (ignored for MSD).
@@ -136,7 +127,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        layout: Literal["brats", "msd"],
+        layout: str,
         root: str,
         labels: Mapping[str, Any],
         modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
@@ -156,7 +147,7 @@ class SegmentationDataModule(L.LightningDataModule):
         num_folds: int | None = None,
         spacing: Sequence[float] | None = None,
         intensity: Literal["mri", "ct", "none"] = "mri",
-        ct_window: Sequence[float] = (-175.0, 250.0),
+        ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
         ct_zscore: Sequence[float] | None = None,
         crop_foreground: bool = True,
         augment: Mapping[str, Any] | None = None,
@@ -176,6 +167,7 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"expected a 3D data.patch_size, got {list(patch_size)}")
         check_fold(fold, num_folds)  # fails before the dataset is read; the case count is checked in setup
         check_intensity(intensity, ct_window, ct_zscore)
+        get_layout(layout)  # an unknown layout fails here, naming the known ones
         self.layout = layout
         self.root = str(Path(root).expanduser())
         self.label_spec = LabelSpec.from_config(labels)
@@ -194,10 +186,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.seed = seed
         self.fold = fold
         self.num_folds = num_folds
-        spacing = [float(v) for v in spacing] if spacing is not None else None  # plain lists: hashed into the cache key
-        self.preprocess_options = dict(spacing=spacing, intensity=intensity, ct_window=[float(v) for v in ct_window], crop_foreground=bool(crop_foreground))
-        if ct_zscore is not None:  # only when set, so that existing caches keep their key
-            self.preprocess_options["ct_zscore"] = [float(v) for v in ct_zscore]
+        # plain lists, ct_zscore only when set: hashed into the cache key (medseg.build reads the same from a data node)
+        self.preprocess_options = preprocessing_options(spacing, intensity, ct_window, crop_foreground, ct_zscore)
         self.preprocessor = CasePreprocessor(self.label_spec, self.preprocess_options, IndexOptions.from_config(sampling))
         self.augment = dict(augment or {})
         self.synthetic = dict(synthetic) if synthetic else None

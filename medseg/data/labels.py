@@ -74,6 +74,33 @@ class LabelSpec:
         """Output channels of the network: one per region, or one per class plus background."""
         return len(self.names) + (1 if self.mode == "softmax" else 0)
 
+    @property
+    def channel_values(self) -> tuple[tuple[int, ...], ...]:
+        """The dataset label values each channel of :meth:`to_channels` covers, in ``names`` order: a region's
+        ``regions[name]`` (sigmoid), or a class's one value ``values[r + 1]`` (softmax)."""
+        if self.mode == "sigmoid":
+            return tuple(tuple(self.regions[name]) for name in self.names)
+        return tuple((value,) for value in self.values[1:])
+
+    def to_channels(self, label: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Dataset labels to one boolean mask per region (sigmoid) or per foreground class (softmax).
+
+        The same masks as :meth:`to_target` followed by ``> 0.5`` (sigmoid) or ``== r + 1`` for each class
+        ``r`` (softmax), i.e. what the metrics compare, without the float target in between.
+
+        Args:
+            label: ``(1, *spatial)`` integer label values in the dataset's convention (any integer or float
+                dtype holding whole numbers), a tensor (on any device) or a NumPy array. Values outside
+                ``values`` are background (:func:`check_label_values` rejects them first where it matters).
+
+        Returns:
+            Boolean ``(R, *spatial)``, ``R = len(names)``: channel ``r`` marks the voxels whose value is one of
+            ``channel_values[r]``. A tensor on ``label``'s device for a tensor, a NumPy array for an array.
+        """
+        if isinstance(label, np.ndarray):
+            return np.stack([np.isin(label[0], values) for values in self.channel_values])
+        return torch.stack([torch.isin(label[0], torch.tensor(values, device=label.device)) for values in self.channel_values])
+
     def to_target(self, label: torch.Tensor) -> torch.Tensor:
         """Dataset labels ``(1, *spatial)`` -> training target.
 
@@ -81,8 +108,7 @@ class LabelSpec:
             sigmoid: float multi-hot ``(R, *spatial)``; softmax: float class indices ``(1, *spatial)``.
         """
         if self.mode == "sigmoid":
-            channels = [torch.isin(label[0], torch.tensor(self.regions[n], device=label.device)) for n in self.names]
-            return torch.stack(channels).to(torch.float32)
+            return self.to_channels(label).to(torch.float32)
         index = torch.zeros_like(label, dtype=torch.float32)
         for i, value in enumerate(self.values):
             if i:
@@ -180,8 +206,5 @@ def check_label_values(label: torch.Tensor, spec: LabelSpec, source: str) -> Non
 
 
 def region_sizes(spec: LabelSpec, label: np.ndarray) -> dict[str, int]:
-    """Voxel count of every region/class in a dataset label volume (for reports and tests)."""
-    target = spec.to_target(torch.as_tensor(label)[None])
-    if spec.mode == "sigmoid":
-        return {n: int(target[i].sum()) for i, n in enumerate(spec.names)}
-    return {n: int((target == i + 1).sum()) for i, n in enumerate(spec.names)}
+    """Voxel count of every region/class in a dataset label volume ``(*spatial)`` (for reports and tests)."""
+    return {n: int(channel.sum()) for n, channel in zip(spec.names, spec.to_channels(torch.as_tensor(label)[None]))}

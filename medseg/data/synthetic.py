@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
+
+from medseg.io import atomic_path, write_text_atomic
 
 CONTRASTS = ("t1", "t1ce", "t2", "flair")
 NCR, ED, ET = 1, 2, 4  # BraTS 2018-2021 label values
@@ -191,7 +192,9 @@ def write_case(case: SyntheticCase, out_dir: str | os.PathLike, case_id: str) ->
         img.header.set_data_dtype(dtype)
         img.header.set_zooms(tuple(float(z) for z in zooms))
         img.header.set_xyzt_units("mm")
-        _atomic(lambda tmp, img=img: nib.save(img, tmp), folder / f"{case_id}_{name}.nii.gz")
+        # the temporary name keeps .nii.gz (nibabel picks gzip from it) but never matches a glob such as "*_t1.nii.gz"
+        with atomic_path(folder / f"{case_id}_{name}.nii.gz", keep_suffix=True) as tmp:
+            nib.save(img, tmp)
     return folder
 
 
@@ -688,20 +691,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic(lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"), path)
-
-
-def _atomic(write, path: Path) -> None:
-    """Call ``write(tmp)`` on a temporary name next to ``path``, then rename it to ``path``."""
-    # keep the real extension last (nibabel picks gzip from it) but not the real suffix, so that a
-    # leftover from a killed run never matches a glob such as "*_t1.nii.gz"
-    stem, ext = (path.name[:-7], ".nii.gz") if path.name.endswith(".nii.gz") else (path.name, "")
-    tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:12]}{ext}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

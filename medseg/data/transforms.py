@@ -24,6 +24,8 @@ from medseg.data.sampling import PatchSampler
 IMAGE, LABEL = "image", "label"
 # Axis labels of NIfTI world space (RAS+), given explicitly so that orientation never depends on metadata.
 NIFTI_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# Hounsfield window of intensity="ct" when none is given (abdominal soft tissue); conf/data sets data.ct_window.
+DEFAULT_CT_WINDOW = (-175.0, 250.0)
 
 
 def check_intensity(intensity: str, ct_window: Sequence[float], ct_zscore: Sequence[float] | None = None) -> None:
@@ -48,7 +50,7 @@ def preprocessing(
     with_label: bool = True,
     spacing: Sequence[float] | None = None,
     intensity: Literal["mri", "ct", "none"] = "mri",
-    ct_window: Sequence[float] = (-175.0, 250.0),
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
     crop_foreground: bool = True,
     ct_zscore: Sequence[float] | None = None,
 ) -> T.Compose:
@@ -93,6 +95,28 @@ def preprocessing(
     if with_label:
         steps.append(ConvertLabelsd(LABEL, labels))
     return T.Compose(steps)
+
+
+def preprocessing_options(
+    spacing: Sequence[float] | None = None,
+    intensity: Literal["mri", "ct", "none"] = "mri",
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
+    crop_foreground: bool = True,
+    ct_zscore: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`preprocessing` (``labels`` and ``with_label`` aside) as plain values:
+    lists of floats, a bool. They are hashed into the preprocessing cache's key (:mod:`medseg.data.cache`), so
+    equal options give equal dicts; ``ct_zscore`` is left out when ``None``, so that caches made before it
+    existed keep their key. Nothing is validated here (:func:`check_intensity` does it)."""
+    options: dict[str, Any] = dict(
+        spacing=[float(v) for v in spacing] if spacing is not None else None,
+        intensity=intensity,
+        ct_window=[float(v) for v in ct_window],
+        crop_foreground=bool(crop_foreground),
+    )
+    if ct_zscore is not None:
+        options["ct_zscore"] = [float(v) for v in ct_zscore]
+    return options
 
 
 def augmentation(

@@ -28,18 +28,12 @@ from tqdm import tqdm
 
 from medseg.data.cache import source_identity
 from medseg.data.labels import LabelSpec
+from medseg.io import atomic_path, write_json_atomic
 from medseg.data.layouts import CaseRecord, DatasetError
 
 log = logging.getLogger("medseg")
 FINGERPRINT_VERSION = 1
 PERCENTILES = (0.5, 99.5)
-
-
-def region_values(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
-    """The label values each named class (softmax) or region (sigmoid) covers."""
-    if spec.mode == "sigmoid":
-        return {name: tuple(spec.regions[name]) for name in spec.names}
-    return {name: (int(value),) for name, value in zip(spec.names, spec.values[1:])}
 
 
 def intensity_stats(voxels: np.ndarray) -> dict[str, float]:
@@ -90,8 +84,7 @@ def case_fingerprint(record: CaseRecord, spec: LabelSpec, samples_per_case: int 
     chosen = rng.choice(where, size=min(samples_per_case, where.size), replace=False) if where.size else where
     voxel_mm3 = float(np.prod(spacing))
     regions = {}
-    for name, values in region_values(spec).items():
-        mask = np.isin(label, values)
+    for name, mask in zip(spec.names, spec.to_channels(label[None])):  # (X, Y, Z) bool each
         components = cc3d.connected_components(mask.astype(np.uint8), connectivity=connectivity)
         counts = np.bincount(components.ravel())[1:] if mask.any() else np.zeros(0, dtype=np.int64)
         regions[name] = {"fraction": float(mask.mean()), "components_mm3": sorted((float(c) * voxel_mm3 for c in counts), reverse=True)}
@@ -195,13 +188,9 @@ def summarise(rows: Sequence[Mapping[str, Any]], samples: Mapping[str, np.ndarra
 def write_fingerprint(path: str | Path, fingerprint: Mapping[str, Any], samples: Mapping[str, np.ndarray]) -> None:
     """``fingerprint.json`` and, beside it, ``fingerprint_samples.npz`` (the per-case foreground samples that
     let a later plan reuse the records), both written atomically."""
-    from medseg.data.datamodule import write_json_atomic
-
     path = Path(path)
-    samples_path = path.with_name(path.stem + "_samples.npz")
-    partial = samples_path.with_name(f".{samples_path.name}.partial.npz")
-    np.savez_compressed(partial, **samples)
-    partial.replace(samples_path)
+    with atomic_path(path.with_name(path.stem + "_samples.npz"), keep_suffix=True) as partial:  # ends .npz: NumPy adds none
+        np.savez_compressed(partial, **samples)
     write_json_atomic(path, fingerprint)
 
 
