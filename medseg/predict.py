@@ -265,7 +265,8 @@ def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: Labe
     start = time.perf_counter()
     probs = to_original_geometry(probs, case.data, transform)  # (C_out, X, Y, Z)
     if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
-        probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
+        # A new tensor: with nothing to invert, probs are the sliding window's inference tensors (read-only here).
+        probs = torch.cat([(1.0 - probs[1:].sum(0, keepdim=True)).clamp(0.0, 1.0), probs[1:]])
     reference = nib.load(case.record["image"][0])
     voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
     labels = segment(probs, spec, options.point, voxel_mm3, options.connectivity)  # (X, Y, Z)

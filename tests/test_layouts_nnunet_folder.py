@@ -265,3 +265,46 @@ def test_check_train_predict_evaluate_end_to_end(brats_tree, tmp_path, layout):
     rows = evaluate(compose("evaluate", [f"pred={out}", f"ref={root}", *[o for o in overrides if o.startswith(("data=", "data.labels", "+data.labels"))], f"output={tmp_path / 'eval'}"]))
     assert {r["case"] for r in rows} == set(expected) and {r["region"] for r in rows} == set(names)
     shutil.rmtree(out)
+
+
+def test_a_preset_may_rename_the_labels_of_an_nnunet_dataset(tmp_path):
+    source = shared_dataset("Task04_Hippocampus")
+    root = export_nnunet(read_msd_datalist(source)[:3], tmp_path / "Dataset004_Hippocampus", ["MRI"], {"background": 0, "Anterior": 1, "Posterior": 2})
+    data = data_config("+experiment=hippocampus", "data=nnunet", f"data.root={root}")
+    assert list(data.labels.names) == ["anterior", "posterior"] and data.labels.mode == "softmax" and list(data.labels["values"]) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_hippocampus_as_nnunet_checks_trains_predicts_and_evaluates(tmp_path):
+    from medseg.data.check import check_dataset
+    from medseg.evaluate import evaluate
+    from medseg.predict import predict
+    from medseg.train import train
+
+    source = shared_dataset("Task04_Hippocampus")
+    cases = read_msd_datalist(source)
+    labels = {"background": 0, "Anterior": 1, "Posterior": 2}
+    root = export_nnunet(cases[:8], tmp_path / "Dataset004_Hippocampus", ["MRI"], labels)
+    export_nnunet([{**c, "label": None} for c in cases[8:10]], root, ["MRI"], labels, section="imagesTs")
+    data = data_config("data=nnunet", f"data.root={root}")
+    report = check_dataset("nnunet", root, data.labels, list(data.modalities), data.in_channels, cache_dir=None)
+    assert not [p for p in report.problems if p.severity == "error"] and report.cases == 8
+
+    run = tmp_path / "run"
+    cfg = compose("train", ["+experiment=hippocampus", "data=nnunet", f"data.root={root}", f"paths.output_dir={run}", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
+                            "data.num_workers=0", "data.preprocess_workers=0", "logger=csv", "~callbacks.model_summary", f"data.check.cache_dir={run / '.checks'}"])
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/dice_anterior"] <= 1.0 and 0.0 <= metrics["test/dice_posterior"] <= 1.0
+    out = tmp_path / "pred"
+    results = predict(compose("predict", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"input={root}", f"output={out}"]))
+    assert sorted(r["case"] for r in results) == sorted(c["case"] for c in cases[8:10]) and not any("error" in r for r in results)
+    for case in cases[8:10]:
+        source_image, predicted = nib.load(case["image"][0]), nib.load(out / f"{case['case']}.nii.gz")
+        assert predicted.shape == source_image.shape and set(np.unique(np.asarray(predicted.dataobj)).tolist()) <= {0, 1, 2}
+    # Evaluate the training cases' reference labels against themselves through the nnU-Net layout.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for case in cases[:3]:
+        shutil.copy(case["label"], reference / f"{case['case']}.nii.gz")
+    rows = evaluate(compose("evaluate", [f"pred={reference}", f"ref={root}", "data=nnunet", f"output={tmp_path / 'eval'}"]))
+    assert len(rows) == 3 * 2 and all(r["dice"] == 1.0 for r in rows)

@@ -232,9 +232,11 @@ def test_user_errors_are_one_readable_line(tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
-def test_softmax_msd_case_known_answer(tmp_path, monkeypatch):
+# RAS: nothing to invert, the probabilities come back as the inference tensors the sliding window made.
+@pytest.mark.parametrize("axcodes", [("L", "P", "I"), ("R", "A", "S")])
+def test_softmax_msd_case_known_answer(tmp_path, monkeypatch, axcodes):
     """An untrained hippocampus (softmax) checkpoint whose network answers class 1 below the case's mean
-    intensity and class 2 above it, on a single-file MSD test image stored in LPI orientation."""
+    intensity and class 2 above it, on a single-file MSD test image stored in LPI (or RAS) orientation."""
     ckpt = untrained_checkpoint(tmp_path / "hippocampus.ckpt", "+experiment=hippocampus", "data.root=unused")
 
     def predict_volume(self, image):  # (1, 1, H, W, D) z-scored over non-zero voxels -> (1, 3, H, W, D)
@@ -247,7 +249,7 @@ def test_softmax_msd_case_known_answer(tmp_path, monkeypatch):
     image[2:9, 3:20, 4:10] = rng.uniform(1.0, 2.0, (7, 17, 6))  # below the mean: class 1
     image[12:18, 5:9, 9:15] = rng.uniform(5.0, 6.0, (6, 4, 6))  # above: class 2
     stored = nib.Nifti1Image(image, np.diag([1.0, 1.5, 2.0, 1.0]))
-    stored = stored.as_reoriented(ornt_transform(io_orientation(stored.affine), axcodes2ornt(("L", "P", "I"))))
+    stored = stored.as_reoriented(ornt_transform(io_orientation(stored.affine), axcodes2ornt(axcodes)))
     (tmp_path / "task" / "imagesTs").mkdir(parents=True)
     nib.save(stored, tmp_path / "task" / "imagesTs" / "hip_001.nii.gz")
     (tmp_path / "task" / "dataset.json").write_text(json.dumps({"training": [], "test": ["./imagesTs/hip_001.nii.gz"]}))

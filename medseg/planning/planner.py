@@ -197,7 +197,7 @@ def plan_from_fingerprint(
             raise ValueError("CT normalisation needs foreground voxels, but no training case has any label > 0")
         window = [round(stats["p0.5"], 1), round(stats["p99.5"], 1)]
         plan.add("data.intensity", "ct", f"CT ({reason}): clip and z-score with the dataset's foreground statistics")
-        plan.add("data.ct_window", window, f"the 0.5 / 99.5 percentiles of all cases' foreground voxels (HU)")
+        plan.add("data.ct_window", window, "the 0.5 / 99.5 percentiles of all cases' foreground voxels (HU)")
         plan.add("data.ct_zscore", [round(stats["mean"], 2), round(max(stats["std"], 1e-3), 2)], "mean and std of all cases' foreground voxels (HU), applied after clipping")
     else:
         plan.add("data.intensity", "mri", f"MRI ({reason}): per-case z-score over the non-zero region, as intensities have no unit")

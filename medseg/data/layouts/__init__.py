@@ -68,11 +68,13 @@ def scan_cases(layout: str, root: str | Path, modalities: Sequence[str] = ()) ->
 
 
 def layout_metadata(layout: str, root: str | Path, key: str) -> Any:
-    """One config value the dataset states itself (``${medseg.layout_meta:${data.layout},${data.root},labels}``)."""
-    meta = get_layout(layout).metadata(root)
-    if key not in meta:
-        raise KeyError(f"data.layout={layout} gives {sorted(meta)} from the dataset, not {key!r}")
-    return meta[key]
+    """One config value the dataset states itself, by dotted key (``${medseg.layout_meta:${data.layout},${data.root},labels.mode}``)."""
+    value: Any = get_layout(layout).metadata(root)
+    for part in key.split("."):  # labels.mode
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"data.layout={layout} reads no {key!r} from the dataset")
+        value = value[part]
+    return value
 
 
 def find_input_cases(source: Any, modalities: Sequence[str], data_section: str = "auto", layout: str | None = None) -> InputCases:
