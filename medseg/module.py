@@ -218,11 +218,16 @@ class SegmentationModule(L.LightningModule):
         if stage == "test" and self.sweep is not None:
             self.sweep.update(probabilities(logits, self.mode), truth, spacing)
         self.metrics[stage].update(pred, truth)
+        lesions = None  # per region, per case: the lesion matching of the metrics, reused by the per-case rows
         if self.lesion_metrics is not None:
+            lesions = []
             for r, name in enumerate(self.label_spec.names):
                 self.lesion_metrics[stage][name].update(pred[:, r], truth[:, r], spacing=spacing)
+                lesions.append(self.lesion_metrics[stage][name].last_cases)
         if stage == "test":
-            self.case_rows.extend(case_rows(batch.get("case"), pred, truth, spacing, self.label_spec.names, self.lesion_options, self.hparams.empty_score))
+            rows = case_rows(batch.get("case"), pred, truth, spacing, self.label_spec.names, self.lesion_options, self.hparams.empty_score,
+                             counts=self.metrics[stage].last_counts, lesions=lesions)
+            self.case_rows.extend(rows)
 
     def masks(self, logits: Tensor, spacing: Tensor | None = None) -> Tensor:
         """Binary masks ``(B, R, *spatial)`` of logits ``(B, C, *spatial)`` at :attr:`postprocessing`, the same

@@ -381,6 +381,33 @@ def test_class_pools_counts_over_cases():
     assert set(per_case[0]) <= set(out)
 
 
+def test_the_case_rows_reuse_the_metrics_matching_and_counts():
+    # What the test step does: the metrics' per-case results fill the rows, instead of a second matching.
+    from medseg.metrics.cases import case_rows
+    from medseg.metrics.voxel import OverlapMetrics, confusion_counts
+
+    cases = _cases(6, seed=3)
+    pred = torch.from_numpy(np.stack([p for p, _ in cases])).view(3, 2, 20, 18, 16)  # (B, R, D, H, W)
+    target = torch.from_numpy(np.stack([t for _, t in cases])).view(3, 2, 20, 18, 16)
+    spacing = torch.tensor([(1.0, 1.0, 1.0), (0.5, 1.0, 2.0), (2.0, 2.0, 1.0)])
+    options = {"min_lesion_volume_mm3": 5.0, "empty_score": 1.0}
+    overlap = OverlapMetrics(["a", "b"])
+    overlap.update(pred, target)
+    assert torch.equal(overlap.last_counts, confusion_counts(pred, target))
+    lesions = []
+    for r in range(2):
+        metric = LesionMetrics(**options)
+        metric.update(pred[:, r], target[:, r], spacing=spacing)
+        assert metric.last_cases == [lesion_metrics(pred[b, r], target[b, r], spacing[b].tolist(), **options) for b in range(3)]
+        lesions.append(metric.last_cases)
+    names = ["x", "y", "z"]
+    fresh = case_rows(names, pred, target, spacing, ["a", "b"], options)
+    reused = case_rows(names, pred, target, spacing, ["a", "b"], options, counts=overlap.last_counts, lesions=lesions)
+    assert len(fresh) == 6 and all(fresh[i].keys() == reused[i].keys() and all(_same(fresh[i][k], reused[i][k]) if isinstance(fresh[i][k], float) else fresh[i][k] == reused[i][k] for k in fresh[i]) for i in range(6))
+    metric.update(pred[:1, 0], target[:1, 0])
+    assert len(metric.last_cases) == 1  # the latest batch's cases only
+
+
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric LesionMetrics was called before")
 def test_class_empty_convention_and_case_mean_skips_nan():
     empty = torch.zeros(1, 8, 8, 8)

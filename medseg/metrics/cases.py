@@ -22,6 +22,8 @@ def case_rows(
     names: Sequence[str],
     lesion_options: Mapping[str, Any] | None = None,
     empty_score: float = 1.0,
+    counts: Tensor | None = None,
+    lesions: Sequence[Sequence[Mapping[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per case and region: voxel scores, HD95 (mm), lesion-wise metrics.
 
@@ -31,8 +33,13 @@ def case_rows(
         spacing: ``(B, 3)`` voxel spacing in mm (``None``: 1 mm).
         names: region names, one per channel.
         lesion_options: options of :func:`medseg.metrics.lesion.lesion_metrics`; ``None`` skips lesion columns.
+        counts: ``confusion_counts(pred, target)`` ``(B, R, 3)`` when already computed
+            (:attr:`medseg.metrics.voxel.OverlapMetrics.last_counts`); ``None`` computes them.
+        lesions: per region, per case, the :func:`medseg.metrics.lesion.lesion_metrics` results of these masks
+            with ``lesion_options`` and ``spacing`` when already computed
+            (:attr:`medseg.metrics.lesion.LesionMetrics.last_cases`); ``None`` computes them.
     """
-    scores = overlap_scores(confusion_counts(pred, target), empty_score)  # each (B, R)
+    scores = overlap_scores(confusion_counts(pred, target) if counts is None else counts, empty_score)  # each (B, R)
     spacings = spacing.tolist() if spacing is not None else [[1.0, 1.0, 1.0]] * pred.shape[0]
     rows = []
     for b in range(pred.shape[0]):
@@ -43,7 +50,7 @@ def case_rows(
             row["reference_voxels"], row["predicted_voxels"] = int(t[r].sum()), int(p[r].sum())
             row["hd95_mm"] = hausdorff_distance_95(p[r], t[r], spacing=spacings[b])
             if lesion_options is not None:
-                row.update(lesion_metrics(p[r], t[r], spacing=spacings[b], **lesion_options))
+                row.update(lesion_metrics(p[r], t[r], spacing=spacings[b], **lesion_options) if lesions is None else lesions[r][b])
             rows.append(row)
     return rows
 

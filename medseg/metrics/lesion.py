@@ -422,6 +422,10 @@ class LesionMetrics(Metric):
     ``lesion_recall_case_mean`` and ``lesion_f1_case_mean``; per-case values equal to NaN (``empty_score=nan``) are left out of those
     means. A ratio with a zero denominator, pooled or per-case, takes ``empty_score``.
 
+    After each ``update``, :attr:`last_cases` holds that batch's per-case results (the dicts
+    :func:`lesion_metrics` returns for the same options), so that per-case reports
+    (:func:`medseg.metrics.cases.case_rows`) need not match the lesions again.
+
     Args:
         spacing: default voxel size in mm along the three spatial axes (overridable per ``update``).
         connectivity, size_buckets_mm3, bucket_names, dilation_mm, min_lesion_volume_mm3, empty_score:
@@ -464,6 +468,7 @@ class LesionMetrics(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         for name in ("dice_sum", "case_dice_sum", "case_recall_sum", "case_f1_sum"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.last_cases: list[dict[str, float | int]] = []  # the latest update's cases (this process; not a state)
 
     def _case_spacings(self, spacing: Sequence[float] | np.ndarray | Tensor | None, batch: int) -> list:
         if spacing is None:
@@ -496,6 +501,7 @@ class LesionMetrics(Metric):
             raise ValueError(f"expected masks of shape (B, D, H, W) or (B, 1, D, H, W), got {tuple(pred.shape)}")
         pred_np, target_np = as_binary_mask(pred, "pred"), as_binary_mask(target, "target")  # (B, D, H, W)
         n_buckets = len(self.bucket_names)
+        self.last_cases = []
         for b, spacing_b in enumerate(self._case_spacings(spacing, pred_np.shape[0])):
             m = match_lesions(
                 pred_np[b], target_np[b], spacing_b, self.connectivity, self.size_buckets_mm3,
@@ -503,6 +509,7 @@ class LesionMetrics(Metric):
             )  # fmt: skip
             counts = _counts(m, n_buckets)
             case = _summarise(**counts, bucket_names=self.bucket_names, empty_score=self.empty_score)
+            self.last_cases.append(case)
             self.ref_counts += torch.as_tensor(counts["ref_counts"], dtype=torch.long, device=self.device)
             self.detected_counts += torch.as_tensor(counts["detected_counts"], dtype=torch.long, device=self.device)
             self.n_pred += counts["n_pred"]

@@ -120,12 +120,17 @@ class OverlapMetrics(Metric):
         self.names = tuple(names)
         self.empty_score = float(empty_score)
         self.add_state("counts", default=[], dist_reduce_fx="cat")
+        self.last_counts: Tensor | None = None  # the latest update's (B, C, 3) counts (this process; not a state)
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add cases. ``pred`` and ``target``: binary ``(B, C, *spatial)`` with C = ``len(names)``."""
+        """Add cases. ``pred`` and ``target``: binary ``(B, C, *spatial)`` with C = ``len(names)``.
+
+        Afterwards :attr:`last_counts` holds their :func:`confusion_counts` ``(B, C, 3)``, for per-case reports
+        (:func:`medseg.metrics.cases.case_rows`) that would otherwise count them again."""
         if pred.shape[1] != len(self.names):
             raise ValueError(f"expected {len(self.names)} channels ({', '.join(self.names)}), got {pred.shape[1]}")
-        self.counts.append(confusion_counts(pred, target))
+        self.last_counts = confusion_counts(pred, target)
+        self.counts.append(self.last_counts)
 
     def per_case(self) -> dict[str, Tensor]:
         """Scores of every case seen so far, each ``(N, C)``."""
