@@ -322,7 +322,7 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
     from medseg.data.labels import LabelSpec
     from medseg.data.layouts import find_cases, get_layout
     from medseg.metrics.lesion import lesion_table
-    from medseg.predict import predict
+    from medseg.prediction import predict
 
     checkpoint = Path(checkpoint)
     config = torch.load(checkpoint, map_location="cpu", weights_only=True)["medseg_config"]

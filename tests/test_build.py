@@ -33,9 +33,20 @@ def test_a_saved_data_node_without_the_newer_keys_takes_the_defaults():
     assert "Spacingd" in names and "ScaleIntensityRanged" in names and "ConvertLabelsd" not in names
 
 
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return imported | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_entry_points_import_library_modules_only(entry_point):
-    tree = ast.parse((Path(__file__).parents[1] / "medseg" / f"{entry_point}.py").read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert imported & {f"medseg.{e}" for e in ENTRY_POINTS} == set()
+    assert imported_modules(Path(__file__).parents[1] / "medseg" / f"{entry_point}.py") & {f"medseg.{e}" for e in ENTRY_POINTS} == set()
+
+
+def test_no_library_module_imports_an_entry_point():
+    package = Path(__file__).parents[1] / "medseg"
+    entry_files = {package / f"{e}.py" for e in ENTRY_POINTS}
+    offenders = {str(p.relative_to(package)): sorted(imported_modules(p) & {f"medseg.{e}" for e in ENTRY_POINTS})
+                 for p in package.rglob("*.py") if p not in entry_files}
+    assert {k: v for k, v in offenders.items() if v} == {}

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from medseg.config import CONFIG_DIR, compose
-from medseg.predict import load_model
+from medseg.prediction import load_model
 
 pytestmark = pytest.mark.slow
 SBATCH = CONFIG_DIR.parent / "scripts" / "slurm" / "train.sbatch"

@@ -236,7 +236,7 @@ def test_check_train_predict_evaluate_end_to_end(brats_tree, tmp_path, layout):
     from test_train import tiny_run
 
     from medseg.evaluate import evaluate
-    from medseg.predict import predict
+    from medseg.prediction import predict
     from medseg.train import train
 
     if layout == "nnunet":
@@ -278,7 +278,7 @@ def test_a_preset_may_rename_the_labels_of_an_nnunet_dataset(tmp_path):
 def test_hippocampus_as_nnunet_checks_trains_predicts_and_evaluates(tmp_path):
     from medseg.data.check import check_dataset
     from medseg.evaluate import evaluate
-    from medseg.predict import predict
+    from medseg.prediction import predict
     from medseg.train import train
 
     source = shared_dataset("Task04_Hippocampus")

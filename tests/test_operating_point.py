@@ -156,7 +156,7 @@ def test_operating_point_round_trip_and_validation():
 def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_path):
     from test_train import tiny_run
 
-    from medseg.predict import load_model, predict
+    from medseg.prediction import load_model, predict
     from medseg.config import compose
     from medseg.train import train
 

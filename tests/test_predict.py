@@ -27,7 +27,8 @@ from medseg.data.layouts import DatasetError
 from medseg.data.synthetic import CONTRASTS, generate_case
 from medseg.module import SegmentationModule
 from medseg.postprocess import OperatingPoint
-from medseg.predict import check_output_folder, find_input_cases, main, predict, predict_cases, segment
+from medseg.predict import main
+from medseg.prediction import check_output_folder, find_input_cases, predict, predict_cases, segment
 
 BRATS_VALUES = {0, 1, 2, 4}
 SPACING = (2.0, 3.0, 4.0)  # anisotropic, mm
@@ -454,7 +455,7 @@ def replace_stages(monkeypatch, cases: list[dict], before=lambda stage, index: N
         return {"case": case.record["case"], "prediction": probs}
 
     for fn in (read_case, infer_case, write_case):
-        monkeypatch.setattr(f"medseg.predict.{fn.__name__}", fn)
+        monkeypatch.setattr(f"medseg.prediction.{fn.__name__}", fn)
 
 
 def test_prefetch_must_be_a_whole_number_from_zero(tmp_path, caplog):

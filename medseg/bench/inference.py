@@ -8,12 +8,12 @@ is an upper bound. On a CPU the full run uses the demo
 experiment's small U-Net with a 64^3 window, since the BraTS network takes minutes per case there; on a
 GPU the BraTS experiment as configured.
 
-- inference: :func:`medseg.predict.infer_probabilities` vs ``sigmoid(sliding_window_inference(...))`` on
+- inference: :func:`medseg.prediction.infer_probabilities` vs ``sigmoid(sliding_window_inference(...))`` on
   the same preprocessed tensor already on the device (both under ``torch.inference_mode``).
-- per case: :func:`medseg.predict.predict_case` (read the NIfTI files, preprocess, infer, map back to the
+- per case: :func:`medseg.prediction.predict_case` (read the NIfTI files, preprocess, infer, map back to the
   input's grid, labels, write the NIfTI file) vs the same MONAI call on the resident tensor: what a case
   costs a user against the network's share of it. A breakdown per stage is in ``details``.
-- folder: :func:`medseg.predict.predict_cases` (what ``medseg.predict`` runs on a folder: the next cases
+- folder: :func:`medseg.prediction.predict_cases` (what ``medseg.predict`` runs on a folder: the next cases
   read and the previous ones written by worker threads beside the sliding window, ``prefetch`` of
   ``conf/predict.yaml``) on a folder of generated cases vs the MONAI call on each case's resident tensor,
   both per case: what a case of a folder costs once the pipeline is full, plus the first case's reading and
@@ -52,7 +52,7 @@ from medseg.config import compose
 from medseg.data.transforms import IMAGE
 from medseg.io import write_nifti_atomic
 from medseg.module import SegmentationModule
-from medseg.predict import PredictOptions, find_input_cases, infer_probabilities, predict_case, predict_cases, segment, to_original_geometry
+from medseg.prediction import PredictOptions, find_input_cases, infer_probabilities, predict_case, predict_cases, segment, to_original_geometry
 
 NAME = "inference"
 GOAL = Goal("<=", 1.05)  # issue 8: medseg.predict within 5% of calling MONAI directly
@@ -105,7 +105,7 @@ def prediction_transform(cfg: DictConfig, model: SegmentationModule) -> Any:
 
 
 def stage_seconds(record: dict[str, Any], model: SegmentationModule, transform: Any, options: PredictOptions) -> dict[str, float]:
-    """Seconds of each stage of :func:`medseg.predict.predict_case`, run once stage by stage."""
+    """Seconds of each stage of :func:`medseg.prediction.predict_case`, run once stage by stage."""
     device, spec = options.device, model.label_spec
     times = [clock(device)]
     data = transform({IMAGE: list(record["image"])})  # (C_in, H, W, D) MetaTensor

@@ -5,7 +5,7 @@ voxels do).
 - training: the hand-written step of :mod:`medseg.bench.workload` (the config's network, loss, optimizer;
   Lightning adds a constant per step, see ``train_step``) on cubic patches, batch of 2; the sizes take
   turns step by step. Peak memory: tensor memory of one step (see :mod:`medseg.bench.timing`).
-- inference: :func:`medseg.predict.infer_probabilities` (sliding window, the config's window settings) on
+- inference: :func:`medseg.prediction.infer_probabilities` (sliding window, the config's window settings) on
   random volumes of growing size; the sizes take turns.
 
 Each size is reported against the smallest one (A / B: how much more it costs), with the voxel ratio in
@@ -26,7 +26,7 @@ from medseg.bench.report import BenchResult, Contender, Figure
 from medseg.bench.timing import Timing, peak_memory, time_alternating
 from medseg.bench.workload import BenchOptions, ReferenceStep, compose_config, patch_override, random_batch
 from medseg.build import build_model
-from medseg.predict import infer_probabilities
+from medseg.prediction import infer_probabilities
 
 NAME = "scaling"
 

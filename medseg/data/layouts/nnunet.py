@@ -353,12 +353,16 @@ def _place(source: Path, target: Path, link: bool) -> None:
     """``target`` as a link to (or copy of) ``source``; a gzip-compressed NIfTI keeps its compression."""
     import shutil
 
-    target.unlink(missing_ok=True)
-    if source.name.endswith(".nii.gz") and link:
-        target.symlink_to(source.resolve())
-    elif source.name.endswith(".nii.gz"):
-        shutil.copyfile(source, target)
-    else:  # .nii: compress, as file_ending says .nii.gz
-        import nibabel as nib
+    from medseg.io import atomic_path
 
-        nib.save(nib.load(source), target)
+    if source.name.endswith(".nii.gz") and link:
+        target.unlink(missing_ok=True)
+        target.symlink_to(source.resolve())
+        return
+    with atomic_path(target, keep_suffix=True) as tmp:
+        if source.name.endswith(".nii.gz"):
+            shutil.copyfile(source, tmp)
+        else:  # .nii: compress, as file_ending says .nii.gz
+            import nibabel as nib
+
+            nib.save(nib.load(source), tmp)

@@ -1,0 +1,492 @@
+"""Segment new scans with a trained checkpoint (the library behind ``python -m medseg.predict``).
+
+The flow per case: load the channels -> the training preprocessing, rebuilt from the config saved in the
+checkpoint (RAS orientation, optional resampling, foreground crop, normalisation) -> sliding-window
+inference, optionally averaged over flips (test-time augmentation) -> probabilities mapped back to the
+input's own voxel grid by inverting the preprocessing (MONAI records every spatial step on the image's
+MetaTensor) -> threshold (sigmoid) or argmax (softmax) -> removal of small connected components ->
+dataset labels (BraTS 0/1/2/4, MSD class values) -> ``<output>/<case>.nii.gz`` with the input's shape,
+affine and header, written atomically. Over several cases the sliding window runs one case after another
+while worker threads read the next cases and write the previous ones (``prefetch``, see
+:func:`predict_cases`). ``predict(cfg)`` is the whole job; :mod:`medseg.predict` adds Hydra and readable errors. A case
+that fails is reported and the others still run; ``<output>/predictions.json`` lists each case's output
+file or error, in the input's order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from medseg.build import build_model, preprocessing_from_config
+from medseg.config import ConfigError, check_required
+from medseg.data.labels import LabelSpec
+from medseg.data.layouts import CaseRecord, DatasetError, find_input_cases
+from medseg.data.transforms import IMAGE
+from medseg.io import write_json_atomic, write_nifti_atomic
+from medseg.module import SegmentationModule
+from medseg.postprocess import OperatingPoint, postprocess
+
+log = logging.getLogger("medseg")
+PRED = "pred"
+SUMMARY_NAME = "predictions.json"
+PROBABILITY_DIR = "probabilities"
+REQUIRED_HELP = {
+    "ckpt_path": "ckpt_path is a checkpoint written by medseg.train (outputs/<task>/runs/<run>/checkpoints/last.ckpt).",
+    "input": "input is a case folder, a BraTS root, an MSD task folder or dataset.json, or a list of NIfTI files.",
+    "output": "output is the folder for the predicted label files.",
+}
+
+
+def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> tuple[SegmentationModule, DictConfig]:
+    """The trained module and its training config, from a checkpoint written by ``medseg.train``.
+
+    Args:
+        ckpt_path: the ``.ckpt`` file.
+        inferer: sliding-window options replacing the checkpoint's ``model.inferer`` values (``None``
+            values are ignored).
+
+    Returns:
+        The module in eval mode on the CPU, and the resolved training config.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, lacks the saved config, or its weights do not fit it.
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: ckpt_path={str(path)!r}; pass a .ckpt file of a training run (outputs/<task>/runs/<run>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors all mean "not a readable checkpoint"
+        raise ConfigError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {_first_line(err)}") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("medseg_config"), dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {str(path)!r} has no saved training config ('medseg_config') and weights; expected a checkpoint written by medseg.train")
+    cfg = OmegaConf.create(checkpoint["medseg_config"])
+    overrides = {k: v for k, v in (inferer or {}).items() if v is not None}
+    if overrides:
+        cfg.model.inferer = OmegaConf.merge(cfg.model.inferer, overrides)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise ConfigError(f"checkpoint {str(path)!r}: the weights do not fit the network of its saved config: {_first_line(err)}") from err
+    model.on_load_checkpoint(checkpoint)  # the tuned operating point, when the final evaluation stored one
+    return model.eval(), cfg
+
+
+def check_output_folder(output: str | Path, input_folders: list[Path], enclosing_root: Path | None = None) -> Path:
+    """The resolved output folder, refused when predictions could land among the input files.
+
+    Raises:
+        ConfigError: ``output`` is an existing file, one of ``input_folders``, or inside ``enclosing_root`` (a
+            BraTS root, where a later run would take it for an incomplete case folder).
+    """
+    out = Path(output).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output={str(out)!r} is a file; expected a folder for the predictions")
+    if out in {p.resolve() for p in input_folders}:
+        raise ConfigError(f"output={str(out)!r} is an input folder; choose another folder so that predictions never mix with (or replace) input files")
+    if enclosing_root is not None and out.is_relative_to(enclosing_root.resolve()):
+        raise ConfigError(f"output={str(out)!r} is inside the input root {str(enclosing_root)!r}, where it would look like a case folder; choose a folder outside it")
+    return out
+
+
+def infer_probabilities(model: SegmentationModule, image: Tensor, tta: bool = False, flip_axes: Sequence[int] = (0, 1, 2)) -> Tensor:
+    """Sliding-window probabilities of one preprocessed volume.
+
+    Args:
+        model: the trained module (its ``predict_volume`` and ``mode``).
+        image: ``(C_in, H, W, D)`` float32, on the model's device.
+        tta: average over the flips of ``flip_axes`` (8 for three axes; each prediction flipped back first).
+        flip_axes: spatial axes (0, 1, 2) to flip: those the model was trained with (``data.augment.flip_axes``).
+
+    Returns:
+        ``(C_out, H, W, D)`` float32: per-region sigmoid or per-class softmax probabilities.
+    """
+    with torch.inference_mode():
+        return model.predict_probabilities(image[None], flip_axes if tta else ())[0]
+
+
+def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose) -> Tensor:
+    """Probabilities on the preprocessed grid back on the input file's voxel grid.
+
+    The preprocessing recorded its spatial steps (orientation, resampling, crop) on ``data["image"]``;
+    their inverse is applied to ``probs`` with linear interpolation (exact when nothing was resampled).
+
+    Args:
+        probs: ``(C_out, H, W, D)`` on the preprocessed image's grid.
+        data: the preprocessed case, whose ``"image"`` MetaTensor carries ``applied_operations``.
+        transform: the preprocessing that produced ``data``.
+
+    Returns:
+        ``(C_out, X, Y, Z)`` float32 in the voxel order of the input file.
+    """
+    pred = MetaTensor(probs.cpu(), meta=deepcopy(data[IMAGE].meta))
+    inverted = Invertd(PRED, transform, orig_keys=IMAGE, nearest_interp=False)({IMAGE: data[IMAGE], PRED: pred})[PRED]
+    return inverted.as_tensor().float() if isinstance(inverted, MetaTensor) else inverted.float()
+
+
+def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None, voxel_mm3: float = 1.0, connectivity: int = 26) -> np.ndarray:
+    """Probabilities to dataset labels at an operating point (threshold, small components removed).
+
+    Args:
+        probs: ``(C_out, X, Y, Z)``: sigmoid probabilities per region, or softmax probabilities per class
+            (background first).
+        spec: the label convention of the checkpoint.
+        point: per-region threshold and minimum component volume (:mod:`medseg.postprocess`, the same code
+            as the final evaluation); ``None``: threshold 0.5, nothing removed.
+        voxel_mm3: the volume of one voxel of ``probs``' grid.
+        connectivity: of the components ``point.min_component_mm3`` filters (6, 18, 26): the model's
+            (``model.lesion_metrics.connectivity``), as in the final evaluation.
+
+    Returns:
+        ``(X, Y, Z)`` integer labels in the dataset's convention (e.g. BraTS 0/1/2/4).
+    """
+    point = point or OperatingPoint.uniform(spec.names)
+    masks = postprocess(probs, spec.mode, point, voxel_mm3, connectivity)  # (R, X, Y, Z) bool
+    labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
+    foreground = masks.any(0)  # (X, Y, Z)
+    if not foreground.any():
+        return labels
+    # Labels only within the foreground's bounding box: most of a scan is background. Per-axis projections
+    # find the box without listing every foreground voxel.
+    bounds = []
+    for axis in range(3):
+        hits = foreground.any(axis=tuple(a for a in range(3) if a != axis))  # (size along axis,) bool
+        bounds.append(slice(int(hits.argmax()), len(hits) - int(hits[::-1].argmax())))
+    box = tuple(bounds)
+    crop = masks[(slice(None), *box)]  # (R, x, y, z)
+    if spec.mode == "sigmoid":
+        labels[box] = spec.to_labels(torch.from_numpy(crop))[0].numpy()
+    else:
+        index = (crop * np.arange(1, crop.shape[0] + 1)[:, None, None, None]).sum(0)  # classes are exclusive
+        labels[box] = spec.to_labels(torch.from_numpy(index)[None])[0].numpy()
+    return labels
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict (from ``conf/predict.yaml`` and the checkpoint's config); see :func:`predict_case`."""
+
+    output: Path
+    device: torch.device
+    tta: bool = False
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # the test-time flips: those of the training augmentation
+    point: OperatingPoint | None = None  # per-region threshold and minimum component volume; None: 0.5, none removed
+    connectivity: int = 26  # of the components the point's size filter removes: the model's
+    save_probabilities: bool = False
+    in_channels: int | None = None  # None skips the channel check
+    inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
+
+
+def output_name(case: str) -> str:
+    """The file name of a case's prediction: ``<case>.nii.gz``, folder separators replaced by ``_``."""
+    return f"{case.replace('/', '_').replace(os.sep, '_')}.nii.gz"
+
+
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed for the sliding window (:func:`read_case`)."""
+
+    record: CaseRecord
+    target: Path  # <output>/<case>.nii.gz
+    data: dict[str, Any]  # {"image": (C_in, H, W, D) MetaTensor whose applied_operations Invertd undoes}
+    seconds: float  # spent on this case's own stages so far (not waiting in a queue)
+
+
+def read_case(record: CaseRecord, transform: Compose, options: PredictOptions) -> PreparedCase:
+    """Read and preprocess one case, and check it before the network spends time on it.
+
+    Args:
+        record: ``{"case", "image": [files]}``.
+        transform: the checkpoint's preprocessing (:func:`medseg.data.transforms.preprocessing`).
+
+    Raises:
+        ValueError: its output file would be one of the input files, or it has not the checkpoint's number
+            of channels. Reader errors pass through (MONAI wraps them in a ``RuntimeError``).
+    """
+    start = time.perf_counter()
+    target = options.output / output_name(str(record["case"]))
+    if target.resolve() in options.inputs:
+        raise ValueError(f"output file {target} is an input file; choose another output folder")
+    data = transform({IMAGE: list(record["image"])})
+    image = data[IMAGE]  # (C_in, H, W, D) MetaTensor on the preprocessed grid
+    if options.in_channels is not None and image.shape[0] != options.in_channels:
+        raise ValueError(f"expected {options.in_channels} image channels (the checkpoint's data.in_channels), got {image.shape[0]} from {record['image']}")
+    return PreparedCase(record, target, data, time.perf_counter() - start)
+
+
+def infer_case(case: PreparedCase, model: SegmentationModule, options: PredictOptions) -> Tensor:
+    """Sliding-window probabilities of a prepared case; adds the time to ``case.seconds``.
+
+    Returns:
+        ``(C_out, H, W, D)`` float32 on the CPU (the copy waits for the device, so that the device memory is
+        free for the next case and the time is the inference's).
+    """
+    start = time.perf_counter()
+    image = case.data[IMAGE].as_tensor().to(options.device)  # (C_in, H, W, D)
+    probs = infer_probabilities(model, image, options.tta, options.flip_axes).cpu()
+    case.seconds += time.perf_counter() - start
+    return probs
+
+
+def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+    """Probabilities of a case back on its input grid -> labels -> ``<output>/<case>.nii.gz`` (and the
+    probabilities if asked).
+
+    Args:
+        probs: ``(C_out, H, W, D)`` from :func:`infer_case`.
+        transform: the preprocessing that produced ``case.data``.
+
+    Returns:
+        ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``); ``seconds`` sums
+        the case's own stages.
+    """
+    start = time.perf_counter()
+    probs = to_original_geometry(probs, case.data, transform)  # (C_out, X, Y, Z)
+    if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
+        # A new tensor: with nothing to invert, probs are the sliding window's inference tensors (read-only here).
+        probs = torch.cat([(1.0 - probs[1:].sum(0, keepdim=True)).clamp(0.0, 1.0), probs[1:]])
+    reference = nib.load(case.record["image"][0])
+    voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
+    labels = segment(probs, spec, options.point, voxel_mm3, options.connectivity)  # (X, Y, Z)
+    write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, case.target)
+    result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
+    if options.save_probabilities:
+        prob_path = options.output / PROBABILITY_DIR / case.target.name
+        prob_path.parent.mkdir(exist_ok=True)
+        write_nifti_atomic(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), reference, prob_path)
+        result["probabilities"] = str(prob_path)
+    result["seconds"] = round(case.seconds + time.perf_counter() - start, 2)
+    return result
+
+
+def predict_case(record: CaseRecord, model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+    """Segment one case and write ``<output>/<case>.nii.gz`` (and its probabilities if asked):
+    :func:`read_case`, :func:`infer_case` and :func:`write_case` in a row.
+
+    Args:
+        record: ``{"case", "image": [files]}``.
+        model: the trained module, on ``options.device``.
+        transform: the checkpoint's preprocessing (:func:`medseg.data.transforms.preprocessing`).
+        spec: the checkpoint's label convention.
+
+    Returns:
+        ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``).
+    """
+    case = read_case(record, transform, options)
+    return write_case(case, infer_case(case, model, options), transform, spec, options)
+
+
+class _InlineExecutor(Executor):
+    """Runs each submitted call at once in the calling thread (``prefetch=0``: one stage after another)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as err:  # kept for the caller, as a worker thread's future would keep it
+            future.set_exception(err)
+        return future
+
+
+def predict_cases(cases: Sequence[CaseRecord], model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions, prefetch: int = 1) -> Iterator[dict[str, Any]]:
+    """Predict ``cases`` with the sliding window in this thread and reading and writing overlapped with it.
+
+    While case ``i`` is inferred, cases ``i+1 .. i+prefetch`` are read and preprocessed (:func:`read_case`)
+    and the cases before ``i`` are written (:func:`write_case`) by ``prefetch`` worker threads on each side;
+    at most ``prefetch`` cases wait on each side, so memory does not grow with the number of cases.
+
+    Args:
+        cases: ``{"case", "image": [files]}`` records.
+        prefetch: cases read ahead of (and written behind) the one inferred, >= 0; 0 runs every stage in this
+            thread, one case after another.
+
+    Yields:
+        One result per case, in the order of ``cases``: :func:`predict_case`'s, or ``{"case", "error",
+        "image"}`` for a case that failed (logged; the others still run).
+    """
+    # Threads rather than processes: the heavy parts of reading (zlib inflating in nibabel, the NumPy and
+    # torch array work of MONAI's transforms) and of writing (Invertd's torch ops, NumPy, zlib deflating)
+    # release the GIL, so threads overlap the sliding window as processes would. They also share the
+    # preprocessed MetaTensor, applied_operations included, as it is: no pickling of whole volumes, no
+    # worker start-up, no fork after CUDA or OpenMP started, and a case's exception keeps the chain its
+    # error message is taken from. Each case is read and inverted by its own copy of the transforms (the
+    # inverse must be the instance that was applied): shared MONAI transform instances once raced under
+    # threads (a cached 4-channel image came out with 1 channel).
+    reader, writer = (ThreadPoolExecutor(prefetch, thread_name_prefix=f"medseg-{role}") if prefetch else _InlineExecutor() for role in ("read", "write"))
+    transforms: dict[int, Compose] = {}  # case index -> its transforms, while it is in flight
+
+    def read(index: int) -> PreparedCase:
+        transforms[index] = deepcopy(transform) if prefetch else transform
+        return read_case(cases[index], transforms[index], options)
+
+    def write(index: int, case: PreparedCase, probs: Tensor) -> dict[str, Any]:
+        return write_case(case, probs, transforms.pop(index), spec, options)
+
+    reads: deque[tuple[CaseRecord, Future]] = deque()  # read ahead, oldest first
+    writes: deque[tuple[CaseRecord, Future]] = deque()  # inferred (or failed), oldest first
+
+    def read_ahead(index: int) -> None:
+        if index < len(cases):
+            reads.append((cases[index], reader.submit(read, index)))
+
+    try:
+        for index in range(prefetch):
+            read_ahead(index)
+        for index in range(len(cases)):
+            read_ahead(index + prefetch)
+            record, pending = reads.popleft()
+            try:
+                case = pending.result()
+                probs = infer_case(case, model, options)  # (C_out, H, W, D)
+            except Exception as err:  # reported in the input's order, after the cases before it
+                transforms.pop(index, None)
+                failed: Future = Future()
+                failed.set_exception(err)
+                writes.append((record, failed))
+            else:
+                writes.append((record, writer.submit(write, index, case, probs)))
+            while len(writes) > prefetch:
+                yield _outcome(*writes.popleft())
+        while writes:
+            yield _outcome(*writes.popleft())
+    finally:  # also when the caller stops early: no worker is left running
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _outcome(record: CaseRecord, stage: Future) -> dict[str, Any]:
+    """The result of a case's last stage, or its error entry (logged) when one of its stages failed."""
+    try:
+        return stage.result()
+    except Exception as err:  # one unreadable case must not stop the others; it is reported instead
+        message = _root_cause(err)
+        unreadable = _unreadable_file(record["image"])
+        message = f"{unreadable}: {message}" if unreadable else message
+        log.error("case %s failed: %s", record["case"], message)
+        return {"case": record["case"], "error": message, "image": list(record["image"])}
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predict every case of ``cfg.input`` into ``cfg.output`` and write ``predictions.json``.
+
+    Args:
+        cfg: the ``conf/predict.yaml`` config (``ckpt_path``, ``input``, ``output``, ``tta``, ...).
+
+    Returns:
+        One entry per case: ``{"case", "prediction", "shape", "seconds"}`` (plus ``"probabilities"``), or
+        ``{"case", "error"}`` for a case that failed.
+
+    Raises:
+        ConfigError, DatasetError: unusable keys, checkpoint or input (before any case is predicted).
+    """
+    check_required(cfg, REQUIRED_HELP)
+    if cfg.get("min_component_mm3") is not None and not cfg.min_component_mm3 >= 0:
+        raise ConfigError(f"expected min_component_mm3 >= 0 (or null: the checkpoint's tuned value), got {cfg.min_component_mm3}")
+    if cfg.get("threshold") is not None and not 0 < cfg.threshold < 1:
+        raise ConfigError(f"expected threshold in (0, 1) (or null: the checkpoint's tuned value), got {cfg.threshold}")
+    if not isinstance(cfg.prefetch, int) or isinstance(cfg.prefetch, bool) or cfg.prefetch < 0:
+        raise ConfigError(f"expected prefetch to be a whole number >= 0 (cases read ahead; 0: one case after another), got {cfg.prefetch!r}")
+    device = _device(str(cfg.device))
+    inferer = OmegaConf.to_container(cfg.inferer, resolve=True) if cfg.get("inferer") else None
+    model, train_cfg = load_model(cfg.ckpt_path, inferer)
+    model.to(device)
+    data_cfg = train_cfg.data
+    source = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
+    cases, input_folders, enclosing_root = find_input_cases(source, list(data_cfg.get("modalities") or ()), str(cfg.data_section), data_cfg.get("layout"))
+    output = check_output_folder(cfg.output, input_folders, enclosing_root)
+    names = [output_name(str(c["case"])) for c in cases]
+    if len(set(names)) < len(names):
+        raise DatasetError(f"input {cfg.input}: several cases would be written to {sorted({n for n in names if names.count(n) > 1})[:5]}")
+
+    spec = LabelSpec.from_config(data_cfg.labels)
+    transform = preprocessing_from_config(data_cfg, with_label=False)
+    # The checkpoint's operating point (tuned after training, or its model.threshold), unless overridden here.
+    point = model.postprocessing.with_overrides(cfg.get("threshold"), cfg.get("min_component_mm3"))
+    options = PredictOptions(
+        output=output,
+        device=device,
+        tta=bool(cfg.tta),
+        flip_axes=tuple(data_cfg.get("augment", {}).get("flip_axes", (0, 1, 2))),
+        point=point,
+        connectivity=model.connectivity,
+        save_probabilities=bool(cfg.save_probabilities),
+        in_channels=data_cfg.get("in_channels"),
+        inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    log.info("Predicting %d case(s) with %s on %s into %s", len(cases), cfg.ckpt_path, device, output)
+    results: list[dict[str, Any]] = []
+    with logging_redirect_tqdm(loggers=[log]):
+        progress = tqdm(predict_cases(cases, model, transform, spec, options, cfg.prefetch), total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
+        for result in progress:
+            results.append(result)
+            progress.set_postfix(failed=sum("error" in r for r in results))
+    summary = {
+        "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
+        "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input),
+        "options": {"tta": options.tta, "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
+        "failed": sum("error" in r for r in results),
+        "cases": results,
+    }
+    write_json_atomic(output / SUMMARY_NAME, summary)
+    log.info("%d of %d case(s) predicted into %s (%s)", len(results) - summary["failed"], len(results), output, SUMMARY_NAME)
+    return results
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"expected device 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def _label_dtype(spec: LabelSpec) -> type:
+    low, high = min(spec.values), max(spec.values)
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _unreadable_file(files: list[str]) -> str | None:
+    """The first of ``files`` whose voxels cannot be read (to name it in a case's error), or None."""
+    for f in files:
+        try:
+            np.asarray(nib.load(f).dataobj)
+        except Exception:  # any failure to read is what we are looking for
+            return str(f)
+    return None
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception of a chain (MONAI wraps reader errors in RuntimeErrors), on one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {_first_line(err)}"
