@@ -510,8 +510,6 @@ def test_ms_reference_against_itself_scores_one():
 
 @pytest.mark.realdata
 def test_ms_deleting_lesions_gives_recall_of_fraction_kept():
-    import cc3d
-
     for name, mask, spacing in _ms_cases():
         labels, n = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
         deleted = np.zeros(n + 1, dtype=bool)

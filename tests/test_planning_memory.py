@@ -28,7 +28,7 @@ print(json.dumps(measure_training_step(arguments, topology.patch_size, batch, pr
 
 
 # The model predicts a settled step's peak resident memory under glibc's default allocator, which varies from run
-# to run with fragmentation (one bf16 step: 582-730 MiB over runs and machines). With a fixed mmap threshold every
+# to run with fragmentation (one bf16 step: 582-700 MiB over runs). With a fixed mmap threshold every
 # large tensor is its own mapping, returned when freed, and the peak is the step's live memory, the same in every
 # run (that step: 345 MiB): the figure a prediction must never be under.
 DETERMINISTIC_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -53,3 +53,13 @@ def test_predicted_training_step_memory_covers_the_measured_live_peak_at_most_tw
     assert measured > 0
     # Under-predicting is what would break a plan (out of memory); over-predicting only leaves memory unused.
     assert measured <= predicted <= 2.5 * measured, f"predicted {predicted / 2**20:.0f} MiB, live peak measured {measured / 2**20:.0f} MiB"
+
+
+def test_a_process_started_by_a_large_one_measures_its_own_peak():
+    # Linux carries getrusage's ru_maxrss over exec: a fresh child of a large pytest process reported its parent's peak.
+    ballast = bytearray(800 * 2**20)
+    ballast[:: 4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page: resident
+    code = "from medseg.planning.memory import _peak_rss_bytes; print(_peak_rss_bytes())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 400 * 2**20, f"a child that only imported medseg reports {child / 2**20:.0f} MiB"
+    del ballast

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
-from medseg.bench.timing import Timing, peak_memory, time_alternating
+from medseg.bench.timing import peak_memory, time_alternating
 from medseg.bench.workload import BenchOptions
 
 NAME = "blob"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medseg.bench.report import BenchResult, Contender, Figure
-from medseg.bench.timing import Timing, peak_memory, time_alternating
+from medseg.bench.timing import peak_memory, time_alternating
 from medseg.bench.workload import BenchOptions, ReferenceStep, compose_config, patch_override, random_batch
 from medseg.build import build_model
 from medseg.prediction import infer_probabilities

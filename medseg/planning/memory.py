@@ -92,7 +92,28 @@ def training_step_bytes(activations: int, parameters: int, activation_bytes: flo
     return float(activations) * activation_bytes + float(parameters) * parameter_bytes + float(overhead_bytes)
 
 
+def _reset_peak_rss() -> None:
+    """Start the process's peak resident memory afresh (Linux: ``5`` to ``/proc/self/clear_refs``), if allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_bytes() -> float:
+    """The peak resident memory of this process's own address space (``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that over ``exec``, so a process started by a large one
+    (a long pytest run) reports its parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0  # kilobytes on Linux
@@ -142,6 +163,7 @@ def measure_training_step(
         before = float(torch.cuda.memory_allocated(device))
     else:
         before = _current_rss_bytes()
+        _reset_peak_rss()
     seconds = []
     for step in range(warmup + steps):
         start = time.perf_counter()
