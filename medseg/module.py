@@ -25,6 +25,7 @@ from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, flip_averaged_pro
 
 # Lesion-wise values logged every validation, besides per-bucket recalls and reference-lesion counts.
 LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_f1_case_mean", "lesion_dice", "fp_per_case")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NONFINITE_ACTIONS = ("stop", "skip")
 log = logging.getLogger("medseg")
 # Validation and test values are torchmetrics results, already reduced over processes; train/loss is the
@@ -66,6 +67,9 @@ class SegmentationModule(L.LightningModule):
             (same results, faster 3D convolutions on CPU and recent GPUs).
         tta_flip_axes: mirroring test-time augmentation in test passes (the final evaluation on the validation
             cases): probabilities averaged over every combination of flips of these spatial axes; ``()`` for none.
+        compile: ``False`` or a ``torch.compile`` mode (``"default"``, ``"max-autotune"``, ...): run the network
+            compiled (training steps and sliding windows); the weights, state dict and checkpoints are unchanged.
+        compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no C++ compiler).
 
     Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
     ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
@@ -92,12 +96,16 @@ class SegmentationModule(L.LightningModule):
         operating_point: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         tta_flip_axes: Sequence[int] = (),
+        compile: bool | str = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"expected nonfinite in {NONFINITE_ACTIONS}, got {nonfinite!r}")
         if max_skipped_steps < 1:
             raise ValueError(f"expected max_skipped_steps >= 1, got {max_skipped_steps}")
+        if compile not in (False, None, *COMPILE_MODES):
+            raise ValueError(f"expected model.compile false or one of {COMPILE_MODES} (torch.compile modes), got {compile!r}")
         labels, inferer = _plain(labels), _plain(inferer)
         lesion_metrics = _plain(lesion_metrics) if lesion_metrics else None
         operating_point = _plain(operating_point) if operating_point else None
@@ -112,6 +120,9 @@ class SegmentationModule(L.LightningModule):
         # channels_last_3d (NDHWC) runs 3D convolutions 1.5-2x faster on CPU (oneDNN) and on recent GPUs.
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
+        self.compile_mode = compile or None
+        self.compile_backend = compile_backend
+        self._compiled_net: nn.Module | None = None  # torch.compile(net), made on first use
         self.tta_flip_axes = tuple(int(a) for a in tta_flip_axes)
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -137,14 +148,42 @@ class SegmentationModule(L.LightningModule):
 
     def forward(self, image: Tensor) -> Tensor:
         """Logits ``(B, C_out, H, W, D)`` for a batch of patches ``(B, C_in, H, W, D)``."""
-        return self.net(image.contiguous(memory_format=self.memory_format))
+        return self.network(image.contiguous(memory_format=self.memory_format))
+
+    @property
+    def network(self) -> nn.Module:
+        """The network as it runs: :attr:`net`, or its ``torch.compile`` (``model.compile``), which shares its weights."""
+        if self.compile_mode is None:
+            return self.net
+        if self._compiled_net is None:
+            mode = self.compile_mode if self.compile_backend == "inductor" else None  # modes are inductor's
+            # Not a registered submodule: the state dict, checkpoints and DDP see the plain network.
+            object.__setattr__(self, "_compiled_net", torch.compile(self.net, mode=mode, backend=self.compile_backend))
+        return self._compiled_net
+
+    def sliding_window(self, image: Tensor) -> Tensor:
+        """Sliding-window logits ``(B, C_out, H, W, D)`` of whole volumes ``(B, C_in, H, W, D)`` (``model.inferer``).
+
+        Windows run where ``inferer.sw_device`` says (default: the volume's device) and are stitched where
+        ``inferer.device`` says (default: the same). A GPU that runs out of memory stitching a large volume gets
+        the volume stitched on the CPU instead (the windows still run on the GPU), for the rest of the run.
+        """
+        try:
+            return sliding_window_inference(image, predictor=self.forward, **self.inferer)
+        except torch.OutOfMemoryError:
+            if str(self.inferer.get("device")) == "cpu":  # (a CPU out of memory raises a RuntimeError, not this)
+                raise
+            torch.cuda.empty_cache()
+            log.warning("Out of GPU memory stitching a %s volume: stitching on the CPU from now on (model.inferer.device=cpu)", "x".join(map(str, image.shape[2:])))
+            self.inferer = {**self.inferer, "device": "cpu"}
+            return sliding_window_inference(image, predictor=self.forward, **self.inferer)
 
     def predict_volume(self, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
         """Logits ``(B, C_out, H, W, D)`` for whole volumes ``(B, C_in, H, W, D)`` of any size, by sliding-window
         inference; with ``flip_axes``, the logits of the probabilities averaged over their flips (see
         :func:`medseg.postprocess.flip_averaged_probabilities`)."""
         if not flip_axes:
-            return sliding_window_inference(image, predictor=self.forward, **self.inferer)
+            return self.sliding_window(image)
         return logits_of(self.predict_probabilities(image, flip_axes), self.mode)
 
     def predict_probabilities(self, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
@@ -211,6 +250,7 @@ class SegmentationModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
         logits = self.predict_volume(image, self.tta_flip_axes if stage == "test" else ())
+        target = target.to(logits.device)  # stitched on the CPU when the GPU ran out of memory
         self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
         truth = target_channels(target, self.mode, logits.shape[1])
         spacing = batch.get("spacing")  # (B, 3) mm

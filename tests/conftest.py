@@ -14,6 +14,18 @@ BRATS_REGIONS = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
 BRATS_LABELS = {"mode": "sigmoid", "names": ["wt", "tc", "et"], "values": [0, 1, 2, 4], "regions": BRATS_REGIONS}
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here); run on a GPU machine: pytest -m gpu")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def shared_dataset(name: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / name

@@ -17,7 +17,7 @@ from medseg.bench.timing import peak_memory, time_alternating
 
 FIGURE_KEYS = {"benchmark", "name", "kind", "value", "ratio_min", "ratio_peak_memory", "a", "b", "goal", "meets_goal", "note"}
 CONTENDER_KEYS = {"name", "value", "unit", "min", "samples", "peak_bytes"}
-ENVIRONMENT_KEYS = {"device", "device_name", "cpu_model", "cpu_count", "threads", "python", "platform", "torch", "lightning", "monai", "numpy"}
+ENVIRONMENT_KEYS = {"device", "device_name", "cpu_model", "cpu_count", "threads", "python", "platform", "torch", "cuda", "cudnn", "gpu_count", "lightning", "monai", "numpy"}
 
 
 def _strict_json(text: str) -> dict:

@@ -20,6 +20,8 @@ absolute times are context only), printed as a table and written as JSON (layout
 - ``lesion`` (:mod:`~medseg.bench.lesion`): lesion metrics per case vs the 1 s budget.
 - ``scaling`` (:mod:`~medseg.bench.scaling`): step time and memory vs patch size, inference time vs volume
   size, exponent of ``cost ~ voxels^k``.
+- ``step_variants`` (:mod:`~medseg.bench.step_variants`): images/s of a training step of the BraTS U-Net and a
+  planned DynUNet under float32, bf16-mixed, channels_last_3d and (GPU) torch.compile.
 
 Shared pieces: :mod:`~medseg.bench.timing` (alternating timings, peak memory), :mod:`~medseg.bench.workload`
 (configs, batches, generated data, the hand-written training step), :mod:`~medseg.bench.report`.
@@ -37,4 +39,5 @@ BENCHMARKS = {
     "blob": "medseg.bench.blob",
     "lesion": "medseg.bench.lesion",
     "scaling": "medseg.bench.scaling",
+    "step_variants": "medseg.bench.step_variants",
 }

@@ -144,6 +144,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,  # None for a CPU build of torch
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpu_count": torch.cuda.device_count(),
         "lightning": lightning.__version__,
         "monai": monai.__version__,
         "numpy": numpy.__version__,

@@ -120,7 +120,8 @@ class SegmentationDataModule(L.LightningDataModule):
             BraTS-layout dataset into ``root`` first (once; later runs reuse it).
         split_path: where the split is saved as JSON (the run directory); an existing file there is reused,
             so a resumed run validates on the same cases.
-        pin_memory: pin host memory for faster host-to-GPU copies.
+        pin_memory: batches in pinned (page-locked) host memory, copied to the GPU without blocking (Lightning
+            moves them with ``non_blocking=True``); ``"auto"``: when a CUDA device is present.
         check: the ``data.check`` node: the dataset check run by :meth:`prepare_data` (see
             :func:`medseg.data.check.check_before_training`); ``None`` skips it.
     """
@@ -153,7 +154,7 @@ class SegmentationDataModule(L.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         synthetic: Mapping[str, Any] | None = None,
         split_path: str | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | Literal["auto"] = "auto",
         check: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -192,7 +193,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.augment = dict(augment or {})
         self.synthetic = dict(synthetic) if synthetic else None
         self.split_path = split_path
-        self.pin_memory = pin_memory
+        if pin_memory not in (True, False, "auto"):
+            raise ValueError(f"expected data.pin_memory true, false or auto, got {pin_memory!r}")
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.check = dict(check) if check is not None else None
         self.train_cases: list[CaseRecord] = []
         self.val_cases: list[CaseRecord] = []

@@ -130,7 +130,7 @@ class OverlapMetrics(Metric):
         if pred.shape[1] != len(self.names):
             raise ValueError(f"expected {len(self.names)} channels ({', '.join(self.names)}), got {pred.shape[1]}")
         self.last_counts = confusion_counts(pred, target)
-        self.counts.append(self.last_counts)
+        self.counts.append(self.last_counts.to(self.device))  # inputs stitched on the CPU join the states' device
 
     def per_case(self) -> dict[str, Tensor]:
         """Scores of every case seen so far, each ``(N, C)``."""
