@@ -64,7 +64,7 @@ class SegmentationModule(L.LightningModule):
             (the weights stay as they were). Either way no non-finite weights are ever written.
         max_skipped_steps: with ``"skip"``, stop anyway after this many skipped steps in a row.
         channels_last: keep the network's weights and its input batches in ``channels_last_3d`` memory order
-            (same results, faster 3D convolutions on CPU and recent GPUs).
+            (same results; faster or slower by network and device: see ``conf/model/module.yaml``).
         tta_flip_axes: mirroring test-time augmentation in test passes (the final evaluation on the validation
             cases): probabilities averaged over every combination of flips of these spatial axes; ``()`` for none.
         compile: ``False`` or a ``torch.compile`` mode (``"default"``, ``"max-autotune"``, ...): run the network
@@ -117,7 +117,6 @@ class SegmentationModule(L.LightningModule):
              "nonfinite": nonfinite, "max_skipped_steps": max_skipped_steps, "min_component_mm3": min_component_mm3, "operating_point": operating_point},
             logger=False,
         )
-        # channels_last_3d (NDHWC) runs 3D convolutions 1.5-2x faster on CPU (oneDNN) and on recent GPUs.
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
         self.compile_mode = compile or None

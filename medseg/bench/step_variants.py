@@ -44,6 +44,7 @@ class Variant:
 
 VARIANTS = (
     Variant("float32", "32-true"),
+    Variant("float32 + channels_last_3d", "32-true", channels_last=True),
     Variant("bf16-mixed", "bf16-mixed"),
     Variant("bf16-mixed + channels_last_3d", "bf16-mixed", channels_last=True),
     Variant("bf16-mixed + torch.compile", "bf16-mixed", compile=True),

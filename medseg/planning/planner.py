@@ -98,7 +98,7 @@ class PlanOptions:
     ct_min_intensity: float = -500.0
     modality: str = "auto"
     precision: str = "32-true"
-    channels_last: bool = True
+    channels_last: bool = False
     train_minutes: float | None = None
     total_steps: int = 250_000
     time_margin: float = 0.15
@@ -234,7 +234,7 @@ def plan_from_fingerprint(
     plan.add("model.net.res_block", False, "plain convolution blocks, as nnU-Net's default")
     plan.add("model.net.deep_supervision", arguments["deep_supervision"], "loss at the lower-resolution outputs too (nnU-Net)")
     plan.add("model.net.deep_supr_num", arguments["deep_supr_num"], "outputs supervised below full resolution")
-    plan.add("model.channels_last", options.channels_last, "channels_last_3d convolutions: the same results, faster")
+    plan.add("model.channels_last", options.channels_last, "plan.channels_last (the step_variants benchmark: no faster with InstanceNorm on a CPU)")
     plan.add("model.tta_flip_axes", [int(a) for a in flip_axes], "mirroring test-time augmentation over the training flips (data.augment.flip_axes)")
     plan.add("trainer.precision", options.precision, f"what {device_name} trains fastest with")
 
