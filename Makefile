@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: install demo test test-fast test-ddp notebook bench clean
+.PHONY: install demo test test-fast test-ddp test-gpu notebook bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Only the tests of the CUDA paths (bf16/fp16 steps, channels_last, torch.compile, GPU stitching); they skip without CUDA.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 # Only the multi-process tests: DDP, torchrun, simulated SLURM jobs, multirun (2 CPU processes, gloo).
 test-ddp: $(STAMP)
