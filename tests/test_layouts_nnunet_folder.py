@@ -308,3 +308,14 @@ def test_hippocampus_as_nnunet_checks_trains_predicts_and_evaluates(tmp_path):
         shutil.copy(case["label"], reference / f"{case['case']}.nii.gz")
     rows = evaluate(compose("evaluate", [f"pred={reference}", f"ref={root}", "data=nnunet", f"output={tmp_path / 'eval'}"]))
     assert len(rows) == 3 * 2 and all(r["dice"] == 1.0 for r in rows)
+
+
+def test_nnunet_channel_names_are_read_in_number_order(tmp_path):
+    from medseg.data.layouts.nnunet import read_nnunet_json
+
+    names = {str(i): f"c{i}" for i in reversed(range(12))}  # 10 and 11 sort before 2 as text
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": names, "labels": {"background": 0, "a": 1}}))
+    assert read_nnunet_json(tmp_path)["channels"] == [f"c{i}" for i in range(12)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "2": "ADC"}, "labels": {"background": 0, "a": 1}}))
+    with pytest.raises(DatasetError, match="numbered from 0"):
+        read_nnunet_json(tmp_path)

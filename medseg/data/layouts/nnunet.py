@@ -118,7 +118,7 @@ def _read_meta(json_path: str, mtime: float) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise DatasetError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     channels = meta.get("channel_names")
-    if not isinstance(channels, dict) or not channels or sorted(channels, key=str) != [str(i) for i in range(len(channels))]:
+    if not isinstance(channels, dict) or not channels or set(map(str, channels)) != {str(i) for i in range(len(channels))}:
         raise DatasetError(f"{path}: expected 'channel_names' numbered from 0, such as {{\"0\": \"T2\", \"1\": \"ADC\"}}, got {channels!r}")
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in (".nii.gz", ".nii"):
