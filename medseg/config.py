@@ -48,8 +48,8 @@ def _missing_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
         if OmegaConf.is_missing(node, key):
             found.append(name)
             continue
-        child = node._get_node(key)
-        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+        child = node[key]  # not an interpolation: nothing is resolved
+        if isinstance(child, (DictConfig, ListConfig)):
             found.extend(_missing_keys(child, f"{name}."))
     return found
 

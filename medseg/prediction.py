@@ -51,7 +51,7 @@ SUMMARY_NAME = "predictions.json"
 PROBABILITY_DIR = "probabilities"
 REQUIRED_HELP = {
     "ckpt_path": "ckpt_path is a checkpoint written by medseg.train (outputs/<task>/runs/<run>/checkpoints/last.ckpt).",
-    "input": "input is a case folder, a BraTS root, an MSD task folder or dataset.json, or a list of NIfTI files.",
+    "input": "input is a case folder, a dataset folder (BraTS, MSD, nnU-Net, images/ + labels/), an images folder such as imagesTs/, dataset.json, or a list of NIfTI files.",
     "output": "output is the folder for the predicted label files.",
 }
 

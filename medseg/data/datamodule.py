@@ -89,13 +89,14 @@ def _fold_split(ordered: list[CaseRecord], fold: int, num_folds: int | None) -> 
 
 
 class SegmentationDataModule(L.LightningDataModule):
-    """Cases of a BraTS or MSD dataset as training patches and whole validation volumes.
+    """Cases of a dataset of any layout as training patches and whole validation volumes.
 
     Args:
         layout: a registered layout name (:mod:`medseg.data.layouts`: ``brats``, ``msd``, ``nnunet``, ``folder``).
         root: dataset folder.
         labels: the ``data.labels`` node (see :class:`medseg.data.labels.LabelSpec`).
-        modalities: BraTS modality names in channel order (ignored for MSD).
+        modalities: channel names in order; the BraTS and folder layouts read the files they name (the MSD and
+            nnU-Net layouts list their channels in ``dataset.json``).
         in_channels: image channels every case must have (checked when the cases are found).
         out_channels: network outputs; must agree with ``labels`` (one per region, or classes + background).
         patch_size: training patch ``(H, W, D)``.
