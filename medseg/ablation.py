@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from medseg.metrics.cases import pooled_detection
-from medseg.metrics.lesion import lesion_f1
+from medseg.metrics.matching import MatchingRule, detection_scores
 from medseg.io import write_csv_atomic, write_text_atomic
 from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
 
@@ -63,6 +63,8 @@ class Job:
         buckets: lesion size bucket names; ``edges_mm3`` their edges (``len(buckets) - 1``).
         rows: the rows of ``test_cases.csv`` (strings, as read).
         rows_before: the rows of ``test_cases_before_postprocessing.csv`` (``rows`` when the job did not tune).
+        empty_score: the job's ``model.empty_score``.
+        matching: the job's lesion matching rule, described (jobs without ``matching`` used any overlap).
     """
 
     folder: Path
@@ -73,6 +75,8 @@ class Job:
     edges_mm3: tuple[float, ...]
     rows: list[dict[str, str]]
     rows_before: list[dict[str, str]] | None = None
+    empty_score: float = 1.0
+    matching: str = "any overlap"
 
 
 def job_folders(folder: str | Path) -> list[Path]:
@@ -113,6 +117,8 @@ def read_job(folder: Path, before_postprocessing: bool = False) -> Job:
         edges_mm3=tuple(float(e) for e in lesion.size_buckets_mm3),
         rows=rows,
         rows_before=rows_before,
+        empty_score=float(config.model.get("empty_score", 1.0)),
+        matching=MatchingRule.from_options({"matching": "overlap", **OmegaConf.to_container(lesion, resolve=True)}).describe(),
     )
 
 
@@ -125,11 +131,12 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
 
-def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence[str], rows_before: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
+def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence[str], rows_before: Sequence[dict[str, Any]] | None = None, empty_score: float = 1.0) -> dict[str, float]:
     """Scores of one region over a set of case rows (see the module docstring), with reference lesion counts.
 
     Args:
         rows_before: the same cases before post-processing (``None``: ``rows`` themselves).
+        empty_score: the jobs' ``model.empty_score``: the value of a ratio with no denominator, per case and pooled.
 
     Returns:
         ``dice``, ``lesion_recall``, ``lesion_precision``, ``lesion_f1``, ``lesion_f1_case_mean``, ``fp_per_case``,
@@ -137,13 +144,13 @@ def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence
         reference lesions) and ``n_ref_lesions_<bucket>``.
     """
     subset = [r for r in rows if r["region"] == region]
-    detection = pooled_detection(rows, region)
+    detection = pooled_detection(rows, region, empty_score)
     scores = {
         "dice": _nanmean([float(r["dice"]) for r in subset]),
         **{k: detection[k] for k in ("lesion_recall", "lesion_precision", "lesion_f1")},
-        "lesion_f1_case_mean": _nanmean([lesion_f1(*_case_precision_recall(r)) for r in subset]),
+        "lesion_f1_case_mean": _nanmean([_case_f1(r, empty_score) for r in subset]),
         "fp_per_case": detection["fp_per_case"],
-        "fp_per_case_before": pooled_detection(rows_before if rows_before is not None else rows, region)["fp_per_case"],
+        "fp_per_case_before": pooled_detection(rows_before if rows_before is not None else rows, region, empty_score)["fp_per_case"],
         "n_cases": detection["n_cases"],
         "n_ref_lesions": detection["n_ref_lesions"],
     }
@@ -153,10 +160,9 @@ def pooled_scores(rows: Sequence[dict[str, Any]], region: str, buckets: Sequence
     return scores
 
 
-def _case_precision_recall(row: dict[str, Any]) -> tuple[float, float]:
-    """One case's lesion precision and recall, recomputed from its counts (NaN where undefined)."""
-    n_pred, n_ref = float(row["n_pred_lesions"]), float(row["n_ref_lesions"])
-    return _ratio(n_pred - float(row["false_positives"]), n_pred), _ratio(float(row["detected"]), n_ref)
+def _case_f1(row: dict[str, Any], empty_score: float) -> float:
+    """One case's lesion F1, recomputed from its counts with the one pooling (a case scored 0 stays in the mean)."""
+    return detection_scores(*(float(row[k]) for k in ("n_ref_lesions", "detected", "n_pred_lesions", "false_positives")), empty_score)["lesion_f1"]
 
 
 def per_seed(jobs: Sequence[Job], per_fold: bool = False) -> list[dict[str, Any]]:
@@ -169,6 +175,9 @@ def per_seed(jobs: Sequence[Job], per_fold: bool = False) -> list[dict[str, Any]
     if len({(j.buckets, j.edges_mm3) for j in jobs}) > 1:
         found = sorted({(j.buckets, j.edges_mm3) for j in jobs})
         raise ValueError(f"expected every job to use the same lesion size buckets, got {found}")
+    if len({(j.matching, j.empty_score) for j in jobs}) > 1:
+        found = sorted({(j.matching, str(j.empty_score)) for j in jobs})
+        raise ValueError(f"expected every job to use the same lesion matching rule and empty_score, got {found}")
     seen: dict[tuple[str, int, int | None], Path] = {}
     for job in jobs:
         key = (job.variant, job.seed, job.fold)
@@ -186,7 +195,7 @@ def per_seed(jobs: Sequence[Job], per_fold: bool = False) -> list[dict[str, Any]
         folds = ",".join(str(f) for f in sorted(j.fold for j in members if j.fold is not None))
         for region in dict.fromkeys(r["region"] for r in rows):
             cases = ",".join(sorted({r["case"] for r in rows if r["region"] == region}))
-            out.append({"variant": variant, "region": region, "seed": seed, "folds": folds, "cases": cases, **pooled_scores(rows, region, members[0].buckets, rows_before)})
+            out.append({"variant": variant, "region": region, "seed": seed, "folds": folds, "cases": cases, **pooled_scores(rows, region, members[0].buckets, rows_before, members[0].empty_score)})
     return out
 
 
@@ -295,7 +304,7 @@ def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_
     summary = summarise(seed_rows, buckets)
     write_csv_atomic(seed_rows, out / "ablation_seeds.csv")
     write_csv_atomic(summary, out / "ablation.csv")
-    table = markdown_table(summary, buckets, edges, show_cases=per_fold)
+    table = markdown_table(summary, buckets, edges, show_cases=per_fold) + f"\nLesion matching: {jobs[0].matching}.\n"
     write_text_atomic(out / "ablation.md", table)
     save_figure(plot_recall_vs_size(summary, buckets, edges), out / "recall_by_lesion_size.png")
     print(table)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from medseg.data.labels import LabelSpec
 from medseg.metrics.cases import case_rows, gather_rows
 from medseg.metrics.lesion import LesionMetrics
+from medseg.metrics.matching import MatchingRule
 from medseg.metrics.operating_point import CRITERIA, OperatingPointSweep
 from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
 from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, flip_averaged_probabilities, logits_of, postprocess, probabilities
@@ -286,7 +287,7 @@ class SegmentationModule(L.LightningModule):
         self.sweep = OperatingPointSweep(
             # softmax: the argmax needs no threshold; the configured one is kept, so the untuned point can win
             self.label_spec.names, self.mode, options.get("thresholds", [self.hparams.threshold]) if self.mode == "sigmoid" else [self.hparams.threshold], options.get("min_component_mm3", [0.0]),
-            self.connectivity, lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.hparams.empty_score,
+            self.connectivity, lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.hparams.empty_score, MatchingRule.from_options(lesion),
         ).to(self.device)
         self.sweep_result = None
 

@@ -37,6 +37,14 @@ def preset_path(output: str) -> Path:
     return path
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): where ``plan.precision=auto`` picks bf16-mixed.
+
+    The one place the plan reads the CPU model, so that tests can fix it (a plan must not depend on the test machine).
+    """
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
 def device_profile(plan_cfg: DictConfig) -> dict[str, Any]:
     """The device the plan targets and its defaults: memory budget, widths, precision, training time."""
     cuda = torch.cuda.is_available()
@@ -47,7 +55,7 @@ def device_profile(plan_cfg: DictConfig) -> dict[str, Any]:
         name, precision = f"{properties.name} (cuda)", "bf16-mixed" if bf16 else "16-mixed"
     else:
         memory = float(plan_cfg.cpu_memory_gb) * 2**30
-        bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        bf16 = cpu_supports_bf16()
         name, precision = f"CPU ({torch.get_num_threads()} threads)", "bf16-mixed" if bf16 else "32-true"
     minutes = plan_cfg.train_minutes
     if minutes == "auto":

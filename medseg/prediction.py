@@ -39,7 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medseg.build import build_model, preprocessing_from_config
 from medseg.config import ConfigError, check_required
 from medseg.data.labels import LabelSpec
-from medseg.data.layouts import CaseRecord, DatasetError, find_input_cases
+from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, reference_label_folders
 from medseg.data.transforms import IMAGE
 from medseg.io import write_json_atomic, write_nifti_atomic
 from medseg.module import SegmentationModule
@@ -92,11 +92,13 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
     return model.eval(), cfg
 
 
-def check_output_folder(output: str | Path, input_folders: list[Path], enclosing_root: Path | None = None) -> Path:
-    """The resolved output folder, refused when predictions could land among the input files.
+def check_output_folder(output: str | Path, input_folders: list[Path], enclosing_root: Path | None = None, reference_folders: Sequence[Path] = ()) -> Path:
+    """The resolved output folder, refused when predictions could land among the input files or replace reference
+    labels.
 
     Raises:
-        ConfigError: ``output`` is an existing file, one of ``input_folders``, or inside ``enclosing_root`` (a
+        ConfigError: ``output`` is an existing file, one of ``input_folders``, one of ``reference_folders`` (where a
+            dataset keeps its reference labels: ``labelsTr/``, ``labels/``, ...) or inside ``enclosing_root`` (a
             BraTS root, where a later run would take it for an incomplete case folder).
     """
     out = Path(output).expanduser().resolve()
@@ -104,6 +106,8 @@ def check_output_folder(output: str | Path, input_folders: list[Path], enclosing
         raise ConfigError(f"output={str(out)!r} is a file; expected a folder for the predictions")
     if out in {p.resolve() for p in input_folders}:
         raise ConfigError(f"output={str(out)!r} is an input folder; choose another folder so that predictions never mix with (or replace) input files")
+    if out in {p.resolve() for p in reference_folders}:
+        raise ConfigError(f"output={str(out)!r} holds the dataset's reference labels; predictions named like them would replace them: choose another folder")
     if enclosing_root is not None and out.is_relative_to(enclosing_root.resolve()):
         raise ConfigError(f"output={str(out)!r} is inside the input root {str(enclosing_root)!r}, where it would look like a case folder; choose a folder outside it")
     return out
@@ -413,7 +417,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     data_cfg = train_cfg.data
     source = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
     cases, input_folders, enclosing_root = find_input_cases(source, list(data_cfg.get("modalities") or ()), str(cfg.data_section), data_cfg.get("layout"))
-    output = check_output_folder(cfg.output, input_folders, enclosing_root)
+    # Reference labels near the input and of the training dataset are never overwritten (an MSD task's labelsTr/).
+    sources = source if isinstance(source, list) else [source]
+    references = reference_label_folders(*(Path(str(s)).expanduser().parent if str(s).endswith(NIFTI_SUFFIXES) else s for s in sources), data_cfg.get("root"))
+    output = check_output_folder(cfg.output, input_folders, enclosing_root, references)
     names = [output_name(str(c["case"])) for c in cases]
     if len(set(names)) < len(names):
         raise DatasetError(f"input {cfg.input}: several cases would be written to {sorted({n for n in names if names.count(n) > 1})[:5]}")

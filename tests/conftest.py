@@ -47,6 +47,15 @@ def preprocessing_cache(tmp_path_factory) -> Path:
         os.environ["MEDSEG_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16(monkeypatch) -> None:
+    """Every test plans as on a CPU without bf16 (the planner's one reading of the CPU model), so that no test's
+    outcome depends on the machine it runs on; tests of the bf16 choice patch it back."""
+    import medseg.plan
+
+    monkeypatch.setattr(medseg.plan, "cpu_supports_bf16", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def brats_tree(tmp_path_factory) -> Path:
     """Six small synthetic cases in the BraTS 2021 layout (48x48x32 voxels at 4 mm)."""

@@ -57,9 +57,11 @@ def test_lesion_split_in_two_predicted_components():
     target = _box((20, 20, 20), np.s_[5:10, 5:10, 5:10])  # 125 voxels
     pred = target.copy()
     pred[7] = False  # a cut plane splits the prediction into two components
-    out = lesion_metrics(pred, target, **NO_DICE_MIN)
+    out = lesion_metrics(pred, target, matching="overlap", **NO_DICE_MIN)
     assert (out["n_ref_lesions"], out["n_pred_lesions"], out["detected"], out["false_positives"]) == (1, 2, 1, 0)
     assert out["lesion_recall"] == 1.0 and out["lesion_precision"] == 1.0
+    # one to one, the second fragment is a false positive
+    assert lesion_metrics(pred, target, **NO_DICE_MIN)["false_positives"] == 1
     # both fragments overlap the (dilated) lesion, so they are merged before the Dice
     assert out["lesion_dice"] == pytest.approx(_dice(pred, target))
     assert lesion_table(pred, target)[0]["n_overlapping_pred"] == 2
@@ -316,8 +318,8 @@ def test_random_blobs_match_reference_implementation(seed):
     dilation_mm = [3.0, 1.5, 0.0, 4.2][seed % 4]
     edges, names = (5.0, 30.0), ("s", "m", "l")
     out = lesion_metrics(
-        pred, target, spacing, connectivity, edges, names, dilation_mm=dilation_mm, min_lesion_volume_mm3=10.0
-    )
+        pred, target, spacing, connectivity, edges, names, dilation_mm=dilation_mm, min_lesion_volume_mm3=10.0, matching="overlap"
+    )  # the reference below implements the any-overlap rule (tests/test_lesion_matching.py: the other rules)
     ref = _reference_lesion_metrics(pred, target, spacing, connectivity, edges, dilation_mm, 10.0)
     for key in ("n_ref_lesions", "n_pred_lesions", "detected", "false_positives", "n_dice_lesions"):
         assert out[key] == ref[key], key

@@ -32,11 +32,23 @@ def random_case(seed: int, regions: int = 2, shape=(24, 20, 16)):
     return torch.from_numpy(probs).float(), target
 
 
+RULES = {
+    "one_to_one": {"matching": "one_to_one"},
+    "one_to_one_ior": {"matching": "one_to_one", "match_criterion": "ior", "match_threshold": 0.3},
+    "msseg": {"matching": "msseg", "msseg": {"min_lesion_mm3": 7.0}},
+    "overlap": {"matching": "overlap"},
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sweep_counts_equal_lesion_metrics_of_the_postprocessed_mask(seed):
+def test_sweep_counts_equal_lesion_metrics_of_the_postprocessed_mask(seed, rule):
+    from medseg.metrics.matching import MatchingRule
+
+    options = RULES[rule]
     probs, target = random_case(seed)
     spacing = (1.0, 1.5, 2.0)  # 3 mm^3 voxels: sizes are volumes, not voxel counts
-    counts = sweep_case(probs, target, "sigmoid", spacing, THRESHOLDS, SIZES, 26, EDGES)
+    counts = sweep_case(probs, target, "sigmoid", spacing, THRESHOLDS, SIZES, 26, EDGES, rule=MatchingRule.from_options(options))
     assert counts.shape[:3] == (2, len(THRESHOLDS), len(SIZES))
     checked = 0
     for i, t in enumerate(THRESHOLDS):
@@ -44,7 +56,7 @@ def test_sweep_counts_equal_lesion_metrics_of_the_postprocessed_mask(seed):
             point = OperatingPoint(("a", "b"), (t, t), (m, m))
             masks = postprocess(probs, "sigmoid", point, voxel_mm3=3.0)
             for r in range(2):
-                ref = lesion_metrics(masks[r], target[r], spacing, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), dilation_mm=0.0)
+                ref = lesion_metrics(masks[r], target[r], spacing, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), dilation_mm=0.0, **options)
                 tp = (masks[r] & target[r]).sum()
                 dice = 2 * tp / (masks[r].sum() + target[r].sum())
                 got = dict(zip(FIELDS, counts[r, i, j, : len(FIELDS)]))
@@ -71,7 +83,10 @@ def test_softmax_sweep_uses_the_argmax_once():
 
 
 def test_metric_pools_cases_and_chooses_the_best_point():
-    sweep = OperatingPointSweep(("a", "b"), "sigmoid", THRESHOLDS, SIZES, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"))
+    from medseg.metrics.matching import MatchingRule
+
+    options = RULES["one_to_one_ior"]
+    sweep = OperatingPointSweep(("a", "b"), "sigmoid", THRESHOLDS, SIZES, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), rule=MatchingRule.from_options(options))
     cases = [random_case(s) for s in (10, 11, 12)]
     for probs, target in cases:
         sweep.update(probs[None], torch.from_numpy(target)[None], torch.tensor([[1.0, 1.0, 1.0]]))
@@ -86,9 +101,10 @@ def test_metric_pools_cases_and_chooses_the_best_point():
     n_ref = detected = n_pred = fp = 0
     for probs, target in cases:
         masks = postprocess(probs, "sigmoid", OperatingPoint(("a", "b"), (0.5, 0.5), (20.0, 20.0)), 1.0)
-        ref = lesion_metrics(masks[0], target[0], dilation_mm=0.0)
+        ref = lesion_metrics(masks[0], target[0], dilation_mm=0.0, **options)
         n_ref, detected, n_pred, fp = n_ref + ref["n_ref_lesions"], detected + ref["detected"], n_pred + ref["n_pred_lesions"], fp + ref["false_positives"]
     precision, recall = (n_pred - fp) / n_pred, detected / n_ref
+    assert detected > 0
     assert scores["lesion_f1"][0, 1, 2].item() == pytest.approx(2 * precision * recall / (precision + recall))
     rows = sweep.table()
     assert len(rows) == 2 * len(THRESHOLDS) * len(SIZES) and {"lesion_recall_tiny", "fp_per_case", "lesion_f1"} <= set(rows[0])

@@ -209,7 +209,7 @@ def test_plan_entry_point_writes_a_preset_that_training_composes(tmp_path, monke
     root = write_task(tmp_path / "task", 6, (32, 40, 24), (1.0, 1.2, 1.5), mri_image, lambda rng, shape: blob_label(rng, shape, lesions=5))
     output = tmp_path / "plans" / "experiment" / "generated_plan.yaml"
     overrides = [f"data.root={root}", "data=msd", "data.labels.names=[organ,lesion]", "data.labels.values=[0,1,2]", "data.augment.flip_axes=[0]",
-                 f"plan.output={output}", "plan.train_minutes=null", "plan.total_steps=100", "plan.cpu_memory_gb=0.25", "plan.workers=0", "paths.output_dir=" + str(tmp_path / "run")]
+                 f"plan.output={output}", "plan.train_minutes=null", "plan.total_steps=100", "plan.cpu_memory_gb=0.6", "plan.workers=0", "paths.output_dir=" + str(tmp_path / "run")]
     result, written = plan(compose("plan", overrides), data_group="msd")
     assert written == output and (output.parent / "fingerprint.json").is_file()
     read = []
@@ -237,3 +237,47 @@ def test_plan_entry_point_writes_a_preset_that_training_composes(tmp_path, monke
     batch = cfg.data.batch_size
     out = model(torch.randn(batch, 1, *cfg.data.patch_size))
     assert out.shape[:3] == (batch, cfg.model.net.deep_supr_num + 1, 3)  # deep supervision outputs in training mode
+
+
+@pytest.mark.parametrize("bf16, expected", [(False, "32-true"), (True, "bf16-mixed")])
+def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch, bf16, expected):
+    import torch
+
+    import medseg.plan
+
+    if torch.cuda.is_available():
+        pytest.skip("plans for the GPU here; this checks the CPU choice")
+    monkeypatch.setattr(medseg.plan, "cpu_supports_bf16", lambda: bf16)
+    cfg = compose("plan", ["data.root=unused", "plan.output=unused"])
+    assert medseg.plan.device_profile(cfg.plan)["precision"] == expected
+
+
+def test_a_budget_no_network_fits_is_refused_with_the_smallest_estimate_and_exit_1(tmp_path):
+    """The planner never shrinks the network below DynUNet's three stages: a budget too small for the smallest
+    planned network ends with one message naming the budget and that network's estimate (no traceback)."""
+    import subprocess
+    import sys
+
+    root = write_task(tmp_path / "task", 3, (32, 40, 24), (1.0, 1.2, 1.5), mri_image, lambda rng, shape: blob_label(rng, shape, lesions=3))
+    output = tmp_path / "plans" / "experiment" / "tiny.yaml"
+    command = [sys.executable, "-m", "medseg.plan", f"data.root={root}", "data=msd", "data.labels.names=[organ,lesion]", "data.labels.values=[0,1,2]",
+               f"plan.output={output}", "plan.train_minutes=null", "plan.precision=32-true", "plan.cpu_memory_gb=0.25", "plan.workers=0", f"paths.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    message = done.stdout + done.stderr
+    assert "no network fits the 0.25 GiB memory budget" in message and "3 stages" in message and "plan.memory_gb" in message
+    assert "Traceback" not in message and not output.exists()
+
+
+def test_fit_patch_never_plans_fewer_than_three_stages():
+    from medseg.planning.rules import MIN_STAGES, fit_patch_to_budget
+
+    def model(topology, batch):  # a fixed overhead larger than the budget: no patch can fit
+        return 2.0 + batch * float(np.prod(topology.patch_size))
+
+    with pytest.raises(ValueError, match=r"needs an estimated .* GiB") as err:
+        fit_patch_to_budget([1.0, 1.0, 1.0], [64, 64, 64], model, 1.0)
+    assert f"{MIN_STAGES} stages" in str(err.value)
+    shapes = []
+    plan = fit_patch_to_budget([1.0, 1.0, 1.0], [64, 64, 64], lambda t, b: shapes.append(t.num_stages) or b * float(np.prod(t.patch_size)), 2 * 16**3)
+    assert plan.topology.num_stages >= MIN_STAGES and min(shapes) >= MIN_STAGES

@@ -545,3 +545,44 @@ def test_broken_case_in_the_middle_of_a_pipelined_folder_is_reported_and_the_cas
     predicted = [f"{case}.nii.gz" for case in names if case != "SYN-0002"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*predicted, "predictions.json"])  # no temporary files left
     assert all(load(out / name)[0].shape == (48, 48, 32) for name in predicted)
+
+
+def test_reference_label_folders_of_every_layout_are_refused_as_output(brats_tree, msd_tree, tmp_path):
+    """An output folder holding a dataset's reference labels would have its files replaced by predictions of the
+    same names: MSD and nnU-Net labelsTr/labelsTs, a folder dataset's labels/, a BraTS root's case folders."""
+    from medseg.data.layouts import find_cases, reference_label_folders
+    from medseg.data.layouts.nnunet import export_nnunet
+
+    nnunet = export_nnunet(find_cases("brats", brats_tree, CONTRASTS), tmp_path / "Dataset001_Syn", ["T1", "T1ce", "T2", "FLAIR"],
+                           {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}, {1: 2, 2: 1, 4: 3}, regions_class_order=[1, 2, 3])
+    (nnunet / "labelsTs").mkdir()
+    folder = tmp_path / "folder"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for case in ("SYN-0000", "SYN-0001"):
+        shutil.copy(brats_tree / case / f"{case}_flair.nii.gz", folder / "images" / f"{case}.nii.gz")
+        shutil.copy(brats_tree / case / f"{case}_seg.nii.gz", folder / "labels" / f"{case}.nii.gz")
+    cases = {
+        "msd": (msd_tree, [msd_tree / "labelsTr"]),
+        "msd images folder": (msd_tree / "imagesTr", [msd_tree / "labelsTr"]),
+        "nnunet": (nnunet, [nnunet / "labelsTr", nnunet / "labelsTs"]),
+        "nnunet imagesTr": (nnunet / "imagesTr", [nnunet / "labelsTr", nnunet / "labelsTs"]),
+        "folder": (folder, [folder / "labels"]),
+        "brats": (brats_tree, [brats_tree / "SYN-0002"]),
+    }
+    for name, (source, labels) in cases.items():
+        found = reference_label_folders(source)
+        for label_folder in labels:
+            assert label_folder.resolve() in found, name
+            with pytest.raises(ConfigError, match="reference labels"):
+                check_output_folder(label_folder, [], None, found)
+    assert check_output_folder(tmp_path / "predictions", [], None, reference_label_folders(msd_tree)) == (tmp_path / "predictions").resolve()
+
+
+@pytest.mark.slow
+def test_predict_never_writes_over_the_reference_labels_of_an_msd_task(checkpoint, msd_tree, tmp_path):
+    task = Path(shutil.copytree(msd_tree, tmp_path / "task"))
+    before = file_hashes(task)
+    with pytest.raises(ConfigError, match="reference labels"):
+        predict(predict_config(checkpoint, task, task / "labelsTr"))
+    assert file_hashes(task) == before

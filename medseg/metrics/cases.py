@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from medseg.metrics.distance import hausdorff_distance_95
-from medseg.metrics.lesion import lesion_f1, lesion_metrics
+from medseg.metrics.lesion import lesion_metrics
+from medseg.metrics.matching import detection_scores
 from medseg.metrics.voxel import confusion_counts, overlap_scores
 
 
@@ -76,29 +77,24 @@ def region_means(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> d
     return means
 
 
-def pooled_detection(rows: Sequence[Mapping[str, Any]], region: str) -> dict[str, float]:
-    """Lesion detection of one region pooled over case rows (NaN where a denominator is 0).
+def pooled_detection(rows: Sequence[Mapping[str, Any]], region: str, empty_score: float = 1.0) -> dict[str, float]:
+    """Lesion detection of one region pooled over case rows (:func:`medseg.metrics.matching.detection_scores`:
+    a ratio with no denominator takes ``empty_score``).
 
     Returns:
-        ``lesion_recall`` (detected / reference lesions), ``lesion_precision`` (matched / predicted components),
-        ``lesion_f1`` (of those two), ``fp_per_case`` (false-positive components, mean over cases), ``n_cases``
-        and ``n_ref_lesions``.
+        ``lesion_recall`` (detected / reference lesions), ``lesion_precision`` (true-positive / predicted
+        components), ``lesion_f1`` (of those two), ``fp_per_case`` (false-positive components, mean over cases),
+        ``n_cases`` and ``n_ref_lesions``.
     """
     subset = [r for r in rows if r["region"] == region]
 
     def total(column: str) -> float:
         return sum(float(r[column]) for r in subset)
 
-    def ratio(num: float, den: float) -> float:
-        return num / den if den else float("nan")
-
-    precision = ratio(total("n_pred_lesions") - total("false_positives"), total("n_pred_lesions"))
-    recall = ratio(total("detected"), total("n_ref_lesions"))
+    scores = detection_scores(total("n_ref_lesions"), total("detected"), total("n_pred_lesions"), total("false_positives"), empty_score)
     return {
-        "lesion_recall": recall,
-        "lesion_precision": precision,
-        "lesion_f1": lesion_f1(precision, recall),
-        "fp_per_case": ratio(total("false_positives"), len(subset)),
+        **scores,
+        "fp_per_case": total("false_positives") / len(subset) if subset else float("nan"),
         "n_cases": float(len(subset)),
         "n_ref_lesions": total("n_ref_lesions"),
     }

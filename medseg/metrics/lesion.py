@@ -3,13 +3,13 @@
 Definitions (all on one binary mask pair of shape ``(D, H, W)``; volumes use the voxel ``spacing``):
 
 * **Lesions** are connected components (``connectivity`` 6, 18 or 26; 26 by default) found with cc3d.
-* **Detection.** A reference lesion is *detected* when at least one predicted voxel overlaps it, i.e. when a
-  predicted component overlaps it. A predicted component that overlaps no reference voxel is a *false
-  positive*. ``lesion_recall = detected / n_ref_lesions`` and
-  ``lesion_precision = (n_pred_lesions - false_positives) / n_pred_lesions``: precision counts predicted
-  components, so a lesion found as two fragments gives recall 1/1 and precision 2/2.
-  ``lesion_f1 = 2 P R / (P + R)`` of that precision and recall (detection F1, as MSSEG-2 ranks; 0 when both are
-  0); pooled over cases it uses the pooled precision and recall.
+* **Detection** follows the matching rule ``matching`` (``one_to_one`` by default, ``msseg``, or the gameable
+  ``overlap``; :mod:`medseg.metrics.matching` defines them and cites their standards): it decides which reference
+  lesions are *detected* and which predicted components are *true positives*; the others are misses and
+  *false positives*. ``lesion_recall = detected / n_ref_lesions``,
+  ``lesion_precision = (n_pred_lesions - false_positives) / n_pred_lesions`` and ``lesion_f1 = 2 P R / (P + R)``
+  (:func:`medseg.metrics.matching.detection_scores`, the one pooling); pooled over cases they use the pooled
+  counts. Under ``msseg``, components of at most 3 mm^3 are not counted on either side.
 * **Size buckets.** A reference lesion of volume ``v`` mm^3 falls in bucket ``i`` when
   ``edges[i-1] <= v < edges[i]`` (defaults: small ``v < 50``, medium ``50 <= v < 500``, large ``v >= 500``);
   ``lesion_recall_<bucket>`` is the detection recall within the bucket.
@@ -35,7 +35,7 @@ Definitions (all on one binary mask pair of shape ``(D, H, W)``; volumes use the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import cc3d
@@ -44,6 +44,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
+
+from medseg.metrics.matching import MatchingRule, component_pairs, detect, detection_counts, detection_scores
 
 _CONNECTIVITIES = (6, 18, 26)
 
@@ -138,13 +140,15 @@ class LesionMatch:
         ref_n_voxels: number of voxels of each reference lesion, shape ``(N_ref,)``.
         ref_volume_mm3: volume of each reference lesion, shape ``(N_ref,)``.
         ref_bucket: size-bucket index of each reference lesion, shape ``(N_ref,)``.
-        ref_detected: whether a predicted voxel overlaps each reference lesion, shape ``(N_ref,)``.
+        ref_counted: whether each reference lesion takes part in detection (all but ``msseg``'s tiny ones).
+        ref_detected: whether each reference lesion is detected under the matching rule, shape ``(N_ref,)``.
         ref_n_overlapping: number of predicted components overlapping each reference lesion, ``(N_ref,)``.
         ref_group: merged (dilation) lesion of each reference lesion, values ``0..N_group-1``, ``(N_ref,)``.
         ref_bboxes: bounding box (tuple of slices) of each reference lesion.
         ref_centroids: centroid in voxel coordinates of each reference lesion, shape ``(N_ref, 3)``.
-        n_pred: number of predicted components.
-        false_positives: predicted components overlapping no reference voxel.
+        n_pred: number of counted predicted components.
+        false_positives: counted predicted components that are not true positives under the rule.
+        pred_true: whether each predicted component is a true positive, shape ``(N_pred_all,)``.
         group_volume_mm3: volume of each merged lesion, shape ``(N_group,)``.
         group_dice: BraTS lesion-wise Dice of each merged lesion, shape ``(N_group,)``.
         group_kept: whether each merged lesion enters the lesion Dice (volume > minimum), ``(N_group,)``.
@@ -154,6 +158,7 @@ class LesionMatch:
     ref_n_voxels: np.ndarray
     ref_volume_mm3: np.ndarray
     ref_bucket: np.ndarray
+    ref_counted: np.ndarray
     ref_detected: np.ndarray
     ref_n_overlapping: np.ndarray
     ref_group: np.ndarray
@@ -161,6 +166,7 @@ class LesionMatch:
     ref_centroids: np.ndarray
     n_pred: int
     false_positives: int
+    pred_true: np.ndarray
     group_volume_mm3: np.ndarray
     group_dice: np.ndarray
     group_kept: np.ndarray
@@ -175,6 +181,7 @@ def match_lesions(
     size_buckets_mm3: Sequence[float] = (50.0, 500.0),
     dilation_mm: float = 3.0,
     min_lesion_volume_mm3: float = 50.0,
+    rule: MatchingRule | None = None,
 ) -> LesionMatch:
     """Label, match and score the lesions of one case (the shared core of the lesion metrics).
 
@@ -186,6 +193,7 @@ def match_lesions(
         size_buckets_mm3: increasing bucket edges in mm^3.
         dilation_mm: radius of the ellipsoidal dilation of the reference lesions before matching (0 = none).
         min_lesion_volume_mm3: merged reference lesions of volume ``<=`` this are left out of the lesion Dice.
+        rule: the detection rule (:class:`medseg.metrics.matching.MatchingRule`; ``None``: the default).
 
     Raises:
         ValueError: on non-binary masks, mismatched shapes or invalid options.
@@ -197,6 +205,7 @@ def match_lesions(
         )
     spacing = validate_spacing(spacing)
     _validate_options(connectivity, size_buckets_mm3, dilation_mm)
+    rule = rule or MatchingRule()
     voxel_mm3 = float(np.prod(spacing))
 
     ref_labels, n_ref = cc3d.connected_components(target_np, connectivity=connectivity, return_N=True)
@@ -205,16 +214,18 @@ def match_lesions(
 
     t_idx = np.flatnonzero(target_np)  # reference voxels
     ref_at_t = ref_flat[t_idx].astype(np.int64)
-    pred_at_t = pred_flat[t_idx].astype(np.int64)
-    hit = pred_at_t > 0  # reference voxels that are also predicted
+    hit = pred_flat[t_idx] > 0  # reference voxels that are also predicted
 
     ref_sizes = np.bincount(ref_at_t, minlength=n_ref + 1)[1:]  # (N_ref,)
+    pred_sizes = np.bincount(pred_flat, minlength=n_pred + 1)[1:]  # (N_pred,)
     ref_volume = ref_sizes * voxel_mm3
     ref_bucket = np.searchsorted(np.asarray(size_buckets_mm3, dtype=np.float64), ref_volume, side="right")
-    # number of distinct predicted components touching each reference lesion
-    overlap_pairs = np.unique(ref_at_t[hit] * (n_pred + 1) + pred_at_t[hit])
-    ref_n_overlapping = np.bincount(overlap_pairs // (n_pred + 1), minlength=n_ref + 1)[1:]
-    false_positives = n_pred - np.unique(overlap_pairs % (n_pred + 1)).size
+    pair_pred, pair_ref, intersection = component_pairs(pred_labels, n_pred, ref_labels, n_ref)
+    ref_n_overlapping = np.bincount(pair_ref, minlength=n_ref)
+    min_voxels = rule.min_counted_voxels(voxel_mm3)
+    ref_counted, pred_counted = ref_sizes >= min_voxels, pred_sizes >= min_voxels
+    ref_detected, pred_true = detect(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes, pred_counted, ref_counted)
+    counts = detection_counts(ref_detected, pred_true, pred_counted, ref_counted)
 
     if n_ref:
         stats = cc3d.statistics(ref_labels)
@@ -242,10 +253,9 @@ def match_lesions(
     blob_at_p = blob_flat[p_idx].astype(np.int64)
     inside = blob_at_p > 0
     pairs = np.unique(pred_at_p[inside] * (n_group + 1) + blob_at_p[inside])
-    pair_pred, pair_group = pairs // (n_group + 1), pairs % (n_group + 1)
-    pred_sizes = np.bincount(pred_at_p, minlength=n_pred + 1)
-    group_pred_size = np.bincount(pair_group, weights=pred_sizes[pair_pred], minlength=n_group + 1)[1:]
-    dice_false_positives = n_pred - np.unique(pair_pred).size
+    blob_pred, blob_group = pairs // (n_group + 1), pairs % (n_group + 1)
+    group_pred_size = np.bincount(blob_group, weights=pred_sizes[blob_pred - 1] if blob_pred.size else None, minlength=n_group + 1)[1:]
+    dice_false_positives = n_pred - np.unique(blob_pred).size
 
     group_dice = 2.0 * group_inter / (group_size + group_pred_size)  # group_size > 0 for every blob
     group_volume = group_size * voxel_mm3
@@ -253,13 +263,15 @@ def match_lesions(
         ref_n_voxels=ref_sizes,
         ref_volume_mm3=ref_volume,
         ref_bucket=ref_bucket,
-        ref_detected=ref_n_overlapping > 0,
+        ref_counted=ref_counted,
+        ref_detected=ref_detected,
         ref_n_overlapping=ref_n_overlapping,
         ref_group=ref_group[1:] - 1,
         ref_bboxes=ref_bboxes,
         ref_centroids=ref_centroids,
-        n_pred=int(n_pred),
-        false_positives=int(false_positives),
+        n_pred=counts["n_pred_lesions"],
+        false_positives=counts["false_positives"],
+        pred_true=pred_true,
         group_volume_mm3=group_volume,
         group_dice=group_dice,
         group_kept=group_volume > min_lesion_volume_mm3,
@@ -271,11 +283,9 @@ def _ratio(num: float, den: float, empty_score: float) -> float:
     return float(num) / float(den) if den > 0 else float(empty_score)
 
 
-def lesion_f1(precision: float, recall: float) -> float:
-    """Detection F1 ``2 P R / (P + R)``: 0 when both are 0, NaN when either is NaN."""
-    if math.isnan(precision) or math.isnan(recall):
-        return float("nan")
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+def matching_rule(matching: str = "one_to_one", match_criterion: str = "iou", match_threshold: float = 0.1, msseg: Mapping[str, float] | None = None) -> MatchingRule:
+    """The :class:`medseg.metrics.matching.MatchingRule` of the lesion-metric options (validated)."""
+    return MatchingRule.from_options({"matching": matching, "match_criterion": match_criterion, "match_threshold": match_threshold, "msseg": msseg or {}})
 
 
 def lesion_metrics(
@@ -288,8 +298,12 @@ def lesion_metrics(
     dilation_mm: float = 3.0,
     min_lesion_volume_mm3: float = 50.0,
     empty_score: float = 1.0,
+    matching: str = "one_to_one",
+    match_criterion: str = "iou",
+    match_threshold: float = 0.1,
+    msseg: Mapping[str, float] | None = None,
 ) -> dict[str, float | int]:
-    """Lesion-wise detection recall/precision, recall per size bucket and BraTS 2023 lesion-wise Dice.
+    """Lesion-wise detection recall/precision/F1, recall per size bucket and BraTS 2023 lesion-wise Dice.
 
     See the module docstring for the exact definitions and conventions.
 
@@ -304,6 +318,8 @@ def lesion_metrics(
         min_lesion_volume_mm3: merged reference lesions of volume ``<=`` this are ignored by the lesion Dice
             (BraTS 2023: 50); detection counts always include every lesion.
         empty_score: value of a ratio whose denominator is zero (1.0, or ``float("nan")``).
+        matching, match_criterion, match_threshold, msseg: the detection rule
+            (:mod:`medseg.metrics.matching`).
 
     Returns:
         Dict with counts ``n_ref_lesions``, ``n_pred_lesions``, ``detected``, ``missed``, ``false_positives``,
@@ -315,14 +331,15 @@ def lesion_metrics(
         ValueError: on non-binary masks, mismatched shapes or invalid options.
     """
     _validate_options(connectivity, size_buckets_mm3, dilation_mm, bucket_names)
-    m = match_lesions(pred, target, spacing, connectivity, size_buckets_mm3, dilation_mm, min_lesion_volume_mm3)
+    rule = matching_rule(matching, match_criterion, match_threshold, msseg)
+    m = match_lesions(pred, target, spacing, connectivity, size_buckets_mm3, dilation_mm, min_lesion_volume_mm3, rule)
     return _summarise(**_counts(m, len(bucket_names)), bucket_names=bucket_names, empty_score=empty_score)
 
 
 def _counts(m: LesionMatch, n_buckets: int) -> dict:
     """Additive per-case counts of a match (what the class metric sums over cases)."""
     return {
-        "ref_counts": np.bincount(m.ref_bucket, minlength=n_buckets),
+        "ref_counts": np.bincount(m.ref_bucket[m.ref_counted], minlength=n_buckets),
         "detected_counts": np.bincount(m.ref_bucket[m.ref_detected], minlength=n_buckets),
         "n_pred": m.n_pred,
         "false_positives": m.false_positives,
@@ -353,9 +370,7 @@ def _summarise(
         "false_positives": int(false_positives),
         "n_dice_lesions": int(n_dice_lesions),
         "n_dice_false_positives": int(n_dice_false_positives),
-        "lesion_recall": _ratio(detected, n_ref, empty_score),
-        "lesion_precision": _ratio(n_pred - false_positives, n_pred, empty_score),
-        "lesion_f1": lesion_f1(_ratio(n_pred - false_positives, n_pred, empty_score), _ratio(detected, n_ref, empty_score)),
+        **detection_scores(n_ref, detected, n_pred, false_positives, empty_score),
         "lesion_dice": _ratio(dice_sum, n_dice_lesions + n_dice_false_positives, empty_score),
     }
     for name, n_b, det_b in zip(bucket_names, ref_counts.tolist(), detected_counts.tolist()):
@@ -375,6 +390,10 @@ def lesion_table(
     bucket_names: Sequence[str] = ("small", "medium", "large"),
     dilation_mm: float = 3.0,
     min_lesion_volume_mm3: float = 50.0,
+    matching: str = "one_to_one",
+    match_criterion: str = "iou",
+    match_threshold: float = 0.1,
+    msseg: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """One row per reference lesion, for inspection and visualisation (same definitions as ``lesion_metrics``).
 
@@ -383,13 +402,15 @@ def lesion_table(
     Returns:
         List of dicts, in cc3d label order, with keys ``id`` (1-based lesion label), ``volume_mm3``, ``n_voxels``,
         ``bucket`` (name), ``centroid`` (voxel coordinates, tuple of 3 floats), ``bbox`` (tuple of 3
-        ``(start, stop)`` voxel ranges), ``detected``, ``n_overlapping_pred`` (predicted components overlapping
+        ``(start, stop)`` voxel ranges), ``counted`` (taking part in detection: all but ``msseg``'s smallest),
+        ``detected`` (under the matching rule), ``n_overlapping_pred`` (predicted components overlapping
         the lesion), ``group`` (1-based merged lesion after dilation; lesions sharing a group share their
         Dice), ``in_lesion_dice`` (merged volume above ``min_lesion_volume_mm3``) and ``lesion_dice`` (BraTS
         Dice of the merged lesion).
     """
     _validate_options(connectivity, size_buckets_mm3, dilation_mm, bucket_names)
-    m = match_lesions(pred, target, spacing, connectivity, size_buckets_mm3, dilation_mm, min_lesion_volume_mm3)
+    rule = matching_rule(matching, match_criterion, match_threshold, msseg)
+    m = match_lesions(pred, target, spacing, connectivity, size_buckets_mm3, dilation_mm, min_lesion_volume_mm3, rule)
     rows = []
     for i in range(m.ref_volume_mm3.size):
         g = int(m.ref_group[i])
@@ -401,6 +422,7 @@ def lesion_table(
                 "bucket": bucket_names[int(m.ref_bucket[i])],
                 "centroid": tuple(float(c) for c in m.ref_centroids[i]),
                 "bbox": tuple((int(sl.start), int(sl.stop)) for sl in m.ref_bboxes[i]),
+                "counted": bool(m.ref_counted[i]),
                 "detected": bool(m.ref_detected[i]),
                 "n_overlapping_pred": int(m.ref_n_overlapping[i]),
                 "group": g + 1,
@@ -428,8 +450,8 @@ class LesionMetrics(Metric):
 
     Args:
         spacing: default voxel size in mm along the three spatial axes (overridable per ``update``).
-        connectivity, size_buckets_mm3, bucket_names, dilation_mm, min_lesion_volume_mm3, empty_score:
-            as in :func:`lesion_metrics`.
+        connectivity, size_buckets_mm3, bucket_names, dilation_mm, min_lesion_volume_mm3, empty_score, matching,
+            match_criterion, match_threshold, msseg: as in :func:`lesion_metrics`.
 
     Raises:
         ValueError: on invalid options.
@@ -448,10 +470,15 @@ class LesionMetrics(Metric):
         dilation_mm: float = 3.0,
         min_lesion_volume_mm3: float = 50.0,
         empty_score: float = 1.0,
+        matching: str = "one_to_one",
+        match_criterion: str = "iou",
+        match_threshold: float = 0.1,
+        msseg: Mapping[str, float] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         _validate_options(connectivity, size_buckets_mm3, dilation_mm, bucket_names)
+        self.rule = matching_rule(matching, match_criterion, match_threshold, msseg)
         self.spacing = validate_spacing(spacing)
         self.connectivity = connectivity
         self.size_buckets_mm3 = tuple(float(e) for e in size_buckets_mm3)
@@ -505,7 +532,7 @@ class LesionMetrics(Metric):
         for b, spacing_b in enumerate(self._case_spacings(spacing, pred_np.shape[0])):
             m = match_lesions(
                 pred_np[b], target_np[b], spacing_b, self.connectivity, self.size_buckets_mm3,
-                self.dilation_mm, self.min_lesion_volume_mm3,
+                self.dilation_mm, self.min_lesion_volume_mm3, self.rule,
             )  # fmt: skip
             counts = _counts(m, n_buckets)
             case = _summarise(**counts, bucket_names=self.bucket_names, empty_score=self.empty_score)

@@ -4,8 +4,8 @@ For each validation case and region, the prediction is thresholded at every thre
 the argmax, once) and its connected components are labelled ONCE per threshold; every minimum component size
 of the grid then only drops components by size, so a grid of T thresholds x M sizes costs T labellings, not
 T x M. Per grid point the counts are exactly those of :func:`medseg.metrics.lesion.lesion_metrics` on the
-post-processed mask (tested): a reference lesion is detected when a kept predicted component overlaps it, a
-kept component overlapping no reference voxel is a false positive.
+post-processed mask under the configured matching rule (tested; :mod:`medseg.metrics.matching`): each size only
+changes which predicted components take part in the rule, on an overlap table built once per threshold.
 
 :class:`OperatingPointSweep` sums these counts over cases (exact under DDP) and :func:`choose_operating_point`
 picks, per region, the pair maximising the criterion: ``"dice"`` (mean voxel Dice over cases) or
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from medseg.metrics.lesion import _ratio, lesion_f1, validate_spacing
+from medseg.metrics.lesion import _ratio, validate_spacing
+from medseg.metrics.matching import MatchingRule, component_pairs, detect, detection_counts, detection_scores
 from medseg.postprocess import OperatingPoint, foreground_masks, min_component_voxels
 
 CRITERIA = ("dice", "lesion_f1")
@@ -43,6 +44,7 @@ def sweep_case(
     connectivity: int = 26,
     size_buckets_mm3: Sequence[float] = (),
     empty_score: float = 1.0,
+    rule: MatchingRule | None = None,
 ) -> np.ndarray:
     """Counts of one case at every grid point.
 
@@ -51,13 +53,16 @@ def sweep_case(
         target: boolean ``(R, *spatial)`` reference masks.
         thresholds: sigmoid thresholds (softmax: only the first is used, the argmax needs none).
         min_component_mm3: minimum component volumes of the grid.
+        rule: the lesion matching rule (``None``: the default one-to-one rule).
 
     Returns:
         float64 ``(R, T, M, len(FIELDS) + 2 * n_buckets)``: :data:`FIELDS`, then ``detected_<bucket>`` and
         ``n_ref_<bucket>`` per bucket (T = 1 in softmax mode).
     """
     spacing = validate_spacing(spacing)
+    rule = rule or MatchingRule()
     voxel_mm3 = float(np.prod(spacing))
+    counted_voxels = rule.min_counted_voxels(voxel_mm3)
     edges = np.asarray(size_buckets_mm3, dtype=np.float64)
     n_buckets = len(edges) + 1
     grid_t = list(thresholds) if mode == "sigmoid" else list(thresholds)[:1]
@@ -69,47 +74,42 @@ def sweep_case(
         ref_labels, n_ref = cc3d.connected_components(ref, connectivity=connectivity, return_N=True)
         ref_sizes = np.bincount(ref_labels.ravel(), minlength=n_ref + 1)[1:]  # (n_ref,)
         ref_bucket = np.searchsorted(edges, ref_sizes * voxel_mm3, side="right")  # (n_ref,)
+        ref_counted = ref_sizes >= counted_voxels
+        ref_per_bucket = np.bincount(ref_bucket[ref_counted], minlength=n_buckets)
         ref_voxels = int(ref_sizes.sum())
         for i, masks in enumerate(per_threshold):
             pred_labels, n_pred = cc3d.connected_components(np.ascontiguousarray(masks[r]), connectivity=connectivity, return_N=True)
-            pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)  # (n_pred + 1,), [0] background
-            both = (pred_labels > 0) & (ref_labels > 0)
-            pred_ids, ref_ids = pred_labels[both], ref_labels[both]
-            overlap = np.bincount(pred_ids, minlength=n_pred + 1)  # tp voxels per predicted component
-            pairs = np.unique(pred_ids.astype(np.int64) * (n_ref + 1) + ref_ids)  # (predicted, reference) overlaps
-            pair_pred, pair_ref = pairs // (n_ref + 1), pairs % (n_ref + 1)
+            pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]  # (n_pred,)
+            pair_pred, pair_ref, intersection = component_pairs(pred_labels, n_pred, ref_labels, n_ref)  # labelled once per threshold
+            overlap = np.bincount(pair_pred, weights=intersection, minlength=n_pred)  # tp voxels per predicted component
             for j, min_voxels in enumerate(sizes_vox):
-                keep = pred_sizes >= min_voxels
-                keep[0] = False
+                keep = pred_sizes >= min_voxels  # the post-processing's size filter
                 tp, pred_voxels = int(overlap[keep].sum()), int(pred_sizes[keep].sum())
-                detected_ids = np.unique(pair_ref[keep[pair_pred]])  # 1-based reference lesion ids
-                detected_bucket = np.bincount(ref_bucket[detected_ids - 1], minlength=n_buckets)
+                pred_counted = keep & (pred_sizes >= counted_voxels)
+                ref_detected, pred_true = detect(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes, pred_counted, ref_counted)
+                counts = detection_counts(ref_detected, pred_true, pred_counted, ref_counted)
                 dice = _ratio(2 * tp, pred_voxels + ref_voxels, empty_score)
                 # A NaN Dice (empty_score nan: empty reference and prediction) is left out of the mean, as
                 # OverlapMetrics leaves it out; dice_cases counts the cases that have one.
-                row = [0.0 if math.isnan(dice) else dice, 0.0 if math.isnan(dice) else 1.0, tp, pred_voxels, ref_voxels, n_ref, detected_ids.size, int(keep.sum()), int((keep & (overlap == 0)).sum())]
+                row = [0.0 if math.isnan(dice) else dice, 0.0 if math.isnan(dice) else 1.0, tp, pred_voxels, ref_voxels,
+                       counts["n_ref_lesions"], counts["detected"], counts["n_pred_lesions"], counts["false_positives"]]
                 out[r, i, j, : len(FIELDS)] = row
-                out[r, i, j, len(FIELDS) :: 2] = detected_bucket
-                out[r, i, j, len(FIELDS) + 1 :: 2] = np.bincount(ref_bucket, minlength=n_buckets)
+                out[r, i, j, len(FIELDS) :: 2] = np.bincount(ref_bucket[ref_detected], minlength=n_buckets)
+                out[r, i, j, len(FIELDS) + 1 :: 2] = ref_per_bucket
     return out
 
 
 def grid_scores(counts: np.ndarray, n_cases: int, empty_score: float = 1.0) -> dict[str, np.ndarray]:
     """Scores at every grid point from summed counts ``(R, T, M, F)``: each ``(R, T, M)``.
 
-    ``dice`` (mean over cases), ``lesion_recall``, ``lesion_precision``, ``lesion_f1`` (pooled),
-    ``fp_per_case``.
+    ``dice`` (mean over cases), ``lesion_recall``, ``lesion_precision``, ``lesion_f1`` (pooled, by
+    :func:`medseg.metrics.matching.detection_scores`), ``fp_per_case``.
     """
     f = {name: counts[..., k] for k, name in enumerate(FIELDS)}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(f["n_ref_lesions"] > 0, f["detected"] / f["n_ref_lesions"], empty_score)
-        precision = np.where(f["n_pred_lesions"] > 0, (f["n_pred_lesions"] - f["false_positives"]) / f["n_pred_lesions"], empty_score)
-    f1 = np.vectorize(lesion_f1)(precision, recall) if recall.size else recall
+    detection = detection_scores(f["n_ref_lesions"], f["detected"], f["n_pred_lesions"], f["false_positives"], empty_score)
     return {
         "dice": np.where(f["dice_cases"] > 0, f["dice_sum"] / np.maximum(f["dice_cases"], 1), np.nan),
-        "lesion_recall": recall,
-        "lesion_precision": precision,
-        "lesion_f1": f1,
+        **detection,
         "fp_per_case": f["false_positives"] / max(n_cases, 1),
     }
 
@@ -125,6 +125,7 @@ class OperatingPointSweep(Metric):
         connectivity: component connectivity (6, 18, 26).
         size_buckets_mm3: lesion size bucket edges (mm^3), for per-bucket recall in the sweep table.
         empty_score: the value of a ratio with a zero denominator.
+        rule: the lesion matching rule of the detection counts (``model.lesion_metrics.matching``).
     """
 
     is_differentiable = False
@@ -140,9 +141,11 @@ class OperatingPointSweep(Metric):
         size_buckets_mm3: Sequence[float] = (),
         bucket_names: Sequence[str] | None = None,
         empty_score: float = 1.0,
+        rule: MatchingRule | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.rule = rule or MatchingRule()
         thresholds, sizes = [float(t) for t in thresholds], [float(m) for m in min_component_mm3]
         if not thresholds or not all(0.0 < t < 1.0 for t in thresholds):
             raise ValueError(f"expected a non-empty threshold grid in (0, 1), got {thresholds}")
@@ -164,7 +167,7 @@ class OperatingPointSweep(Metric):
         spacings = [[1.0, 1.0, 1.0]] * probs.shape[0] if spacing is None else torch.as_tensor(spacing).reshape(-1, 3).tolist()
         truth = target.detach().cpu().numpy().astype(bool)
         for b in range(probs.shape[0]):
-            counts = sweep_case(probs[b].detach(), truth[b], self.mode, spacings[b if len(spacings) > 1 else 0], self.thresholds, self.min_component_mm3, self.connectivity, self.size_buckets_mm3, self.empty_score)
+            counts = sweep_case(probs[b].detach(), truth[b], self.mode, spacings[b if len(spacings) > 1 else 0], self.thresholds, self.min_component_mm3, self.connectivity, self.size_buckets_mm3, self.empty_score, self.rule)
             self.counts += torch.from_numpy(counts).to(self.counts.device)
             self.n_cases += 1
 

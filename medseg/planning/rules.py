@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The fewest stages a planned network has: MONAI's DynUNet needs at least three (two down-samplings).
+MIN_STAGES = 3
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -169,13 +172,17 @@ def fit_patch_to_budget(
         max_batch_size: cap on the batch size (e.g. so that one batch covers at most a few % of the dataset).
 
     Raises:
-        ValueError: if even the smallest patch (``min_feature_map_size`` per axis) does not fit.
+        ValueError: if the case is too small for a network of :data:`MIN_STAGES` stages, or if even the smallest
+            such patch does not fit the budget (the message names the budget and that patch's estimate).
     """
     if budget_bytes <= 0 or min_batch_size < 1:
         raise ValueError(f"expected a positive budget and min_batch_size >= 1, got {budget_bytes} and {min_batch_size}")
     median_shape = np.asarray(median_shape, dtype=np.float64)
     patch = initial_patch_size(spacing, median_shape)
     topology = network_topology(spacing, patch, min_feature_map_size, max_pools)
+    if topology.num_stages < MIN_STAGES:
+        raise ValueError(f"the median case ({'x'.join(str(int(s)) for s in median_shape)} voxels at the target spacing) is too small for a "
+                         f"{MIN_STAGES}-stage network with feature maps of at least plan.min_feature_map_size={min_feature_map_size} voxels; lower it")
     while estimate_bytes(topology, min_batch_size) > budget_bytes:
         # Shrink the axis that is largest relative to the case, by one step of what it must be divisible by
         # (recomputed for the smaller patch, so that no valid size in between is skipped).
@@ -185,9 +192,17 @@ def fit_patch_to_budget(
         smaller[axis] -= topology.divisible_by[axis]
         step = network_topology(spacing, np.maximum(smaller, 1), min_feature_map_size, max_pools).divisible_by[axis]
         patch[axis] -= step
-        if patch[axis] < min_feature_map_size:
-            raise ValueError(f"no patch fits {budget_bytes / 2**30:.2f} GiB at batch size {min_batch_size}: give a larger plan.memory_gb")
-        topology = network_topology(spacing, patch, min_feature_map_size, max_pools)
+        shrunk = network_topology(spacing, np.maximum(patch, 1), min_feature_map_size, max_pools) if patch[axis] >= min_feature_map_size else None
+        if shrunk is None or shrunk.num_stages < MIN_STAGES:
+            # The current topology is the smallest that keeps MIN_STAGES stages: refuse rather than plan a network
+            # that cannot be built.
+            smallest = estimate_bytes(topology, min_batch_size)
+            raise ValueError(
+                f"no network fits the {budget_bytes / 2**30:.2f} GiB memory budget: the smallest planned network "
+                f"({topology.num_stages} stages, patch {'x'.join(map(str, topology.patch_size))}, batch {min_batch_size}) needs an estimated "
+                f"{smallest / 2**30:.2f} GiB; give a larger plan.memory_gb (or plan.cpu_memory_gb without a GPU)"
+            )
+        topology = shrunk
     batch = min_batch_size
     while (max_batch_size is None or batch < max_batch_size) and estimate_bytes(topology, batch + 1) <= budget_bytes:
         batch += 1

@@ -51,6 +51,7 @@ SURE_INPUT_ORDER = 50
 DATA_HELP = {name: layout.help for name, layout in LAYOUTS.items()}  # per data.layout: where to get the data
 
 __all__ = [
+    "reference_label_folders",
     "BRATS_2023_NAMES", "DATA_HELP", "LAYOUTS", "NIFTI_SUFFIXES", "CaseRecord", "DatasetError", "InputCases", "Layout", "LayoutProblem",
     "brats_file", "find_brats_cases", "find_cases", "find_input_cases", "find_label_files", "get_layout", "layout_metadata",
     "read_msd_datalist", "register", "scan_brats_cases", "scan_cases", "scan_msd_datalist",
@@ -120,6 +121,23 @@ def find_input_cases(source: Any, modalities: Sequence[str], data_section: str =
         if found is not None:
             return found
     raise DatasetError(f"input {str(path)!r} is not a case folder or dataset of any layout ({', '.join(sorted(LAYOUTS))}), nor a NIfTI file")
+
+
+def reference_label_folders(*paths: str | Path | None) -> list[Path]:
+    """Every folder holding reference labels of the datasets at or around ``paths``: for each path (a dataset root,
+    its ``dataset.json``, or a folder inside a dataset such as ``imagesTr/``), the label folders every layout
+    recognises there and in the folder above (MSD and nnU-Net ``labelsTr``/``labelsTs``, a folder dataset's
+    ``labels/``, BraTS case folders). Prediction never writes into one of them."""
+    found: set[Path] = set()
+    for path in paths:
+        if path is None or not str(path):
+            continue
+        path = Path(path).expanduser().resolve()
+        for root in dict.fromkeys([path, path.parent]):
+            if root.exists():
+                for layout in LAYOUTS.values():
+                    found.update(layout.reference_folders(root))
+    return sorted(found)
 
 
 def find_label_files(root: str | Path) -> dict[str, str]:

@@ -126,6 +126,15 @@ class Layout:
         """Reference label files by case id when ``root`` is this layout's, else ``None`` (evaluation)."""
         return None
 
+    def reference_folders(self, root: Path) -> list[Path]:
+        """The folders holding ``root``'s reference labels when ``root`` is this layout's, else ``[]``: prediction
+        refuses to write into them. By default, the folders of :meth:`label_files`."""
+        try:
+            labels = self.label_files(root)
+        except (DatasetError, OSError, ValueError):  # a malformed dataset: nothing to say about its labels here
+            return []
+        return sorted({Path(f).resolve().parent for f in (labels or {}).values()})
+
     def channel_names(self, root: str | Path | None, modalities: Sequence[str], count: int) -> list[str]:
         """Display names of a case's ``count`` channels."""
         names = [str(m) for m in modalities]

@@ -97,6 +97,9 @@ class FolderLayout(Layout):
         cases = [{"case": case, "image": [str(f) for f in files], "label": None} for case, files in by_case.items()]
         return InputCases(cases, [path, folder, *image_folders(cases)])
 
+    def reference_folders(self, root: Path) -> list[Path]:
+        return [(root / "labels").resolve()] if (root / "images").is_dir() and (root / "labels").is_dir() else []
+
     def label_files(self, root: Path) -> dict[str, str] | None:
         if not (root / "images").is_dir() or not (root / "labels").is_dir():
             return None

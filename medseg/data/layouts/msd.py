@@ -184,6 +184,13 @@ class MsdLayout(Layout):
             return None
         return {c["case"]: c["label"] for c in read_msd_datalist(root) if c["label"]}
 
+    def reference_folders(self, root: Path) -> list[Path]:
+        if not (root.suffix == ".json" or (root / "dataset.json").is_file()):
+            return []
+        base = root.parent if root.suffix == ".json" else root
+        # The listed label files' folders, and labelsTr/labelsTs whatever the list says (a test list has no labels).
+        return sorted({*super().reference_folders(root), *((base / f).resolve() for f in ("labelsTr", "labelsTs") if (base / f).is_dir())})
+
     def declared_modality(self, root: str | Path) -> str | None:
         modality = (read_dataset_json(root) or {}).get("modality") or {}
         return str(modality["0"]) if isinstance(modality, dict) and "0" in modality else None

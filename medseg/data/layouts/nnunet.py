@@ -273,6 +273,11 @@ class NnunetLayout(Layout):
             return None
         return {c["case"]: c["label"] for c in self.find_cases(root, require_label=False) if c["label"]}
 
+    def reference_folders(self, root: Path) -> list[Path]:
+        if not (root.is_dir() and is_nnunet_dataset(root)):
+            return []
+        return sorted({*super().reference_folders(root), *(root / f for f in ("labelsTr", "labelsTs") if (root / f).is_dir())})
+
     def declared_modality(self, root: str | Path) -> str | None:
         return read_nnunet_json(root)["channels"][0]
 
