@@ -1,73 +1,77 @@
 """Evaluate predicted label files against references: ``python -m medseg.evaluate pred=DIR ref=DIR``.
 
-Each ``<pred>/<case>.nii.gz`` is compared with the reference label of the same case (a BraTS tree, an MSD
-task or a folder of label files) in the dataset's label convention (``data.labels``), giving one row per case
-and region: Dice, IoU, recall, precision, HD95 (mm), lesion-wise detection by size. Written to ``output``:
-``evaluation.csv``, ``summary.json`` (means per region, pooled lesion detection: recall, precision, F1, false
-positives per case; recall by size) and two pictures,
+Each ``<pred>/<case>.nii.gz`` is compared with the reference label of the same case (a BraTS tree, an MSD or
+nnU-Net task, a folder dataset or a folder of label files) in the dataset's label convention (``data.labels``),
+by the evaluation core that also scores training's final evaluation (:mod:`medseg.evaluation`): one row per case
+and region (Dice, IoU, recall, precision, HD95 in mm, lesion-wise detection by size under
+``model.lesion_metrics.matching``). Written to ``output``: ``evaluation.csv``, ``summary.json`` (means per region,
+pooled lesion detection: recall, precision, F1, false positives per case; recall by size) and two pictures,
 ``dice_per_case.png`` and ``recall_by_lesion_size.png``.
+
+Which cases: when the folder holds the ``predictions.json`` that ``medseg.predict`` writes, exactly the cases it
+lists (a case it failed on has no prediction; files it did not write in that run are left out, with a warning);
+otherwise every reference case. A case without a prediction file ends the evaluation with an error naming it,
+unless ``missing=zero`` scores it as an empty prediction.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-import nibabel as nib
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from medseg.config import ConfigError, check_required, register_resolvers
-from medseg.data.labels import LabelSpec, check_label_values
+from medseg.data.labels import LabelSpec
 from medseg.data.layouts import NIFTI_SUFFIXES, DatasetError, find_label_files
-from medseg.io import write_csv_atomic, write_json_atomic
-from medseg.metrics.cases import case_rows, pooled_detection, region_means
-from medseg.viz import plot_case_dice, plot_recall_by_size, recall_by_size, save_figure
+from medseg.data.layouts.base import strip_nifti_suffix
+from medseg.evaluation import evaluate_case, score_missing_case, write_report
 
 log = logging.getLogger("medseg")
-AFFINE_TOLERANCE_MM = 1e-3
+SUMMARY_NAME = "predictions.json"  # what medseg.predict writes beside its label files
+MISSING = ("error", "zero")
 
 
-def prediction_files(folder: str | Path) -> dict[str, Path]:
-    """``<case>.nii.gz`` (or ``.nii``) files of a prediction folder, by case id."""
+def prediction_files(folder: str | Path) -> tuple[dict[str, Path], list[str] | None]:
+    """The prediction files of a folder by case id, and the cases expected to have one.
+
+    With ``predictions.json`` (``medseg.predict``'s record): the files it lists as written, and every case it lists
+    (those it failed on included); other NIfTI files in the folder are stale and left out. Without it: every
+    ``<case>.nii.gz`` (or ``.nii``) file, and ``None`` (every reference case is expected).
+
+    Raises:
+        DatasetError: the folder is missing or empty, ``predictions.json`` is unreadable, or a file it lists is gone.
+    """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"prediction folder {str(folder)!r} does not exist or is not a folder")
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith("."):
-            case = path.name
-            for suffix in NIFTI_SUFFIXES:
-                case = case.removesuffix(suffix)
-            found[case] = path
-    if not found:
-        raise DatasetError(f"prediction folder {str(folder)!r} holds no <case>.nii.gz files")
-    return found
-
-
-def load_pair(pred_path: Path, ref_path: Path, spec: LabelSpec) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
-    """Binary channels ``(R, D, H, W)`` of a prediction and its reference, and the voxel spacing in mm.
-
-    Raises:
-        ValueError: naming the files, when shapes or affines differ or a file has unexpected label values.
-    """
-    pred_img, ref_img = nib.load(pred_path), nib.load(ref_path)
-    if pred_img.shape != ref_img.shape:
-        raise ValueError(f"{pred_path}: shape {pred_img.shape} differs from the reference {ref_path} {ref_img.shape}")
-    if not np.allclose(pred_img.affine, ref_img.affine, atol=AFFINE_TOLERANCE_MM):
-        raise ValueError(f"{pred_path}: affine differs from the reference {ref_path} (predictions must be in the reference geometry)")
-    channels = []
-    for path, img in ((pred_path, pred_img), (ref_path, ref_img)):
-        label = torch.from_numpy(np.asarray(img.dataobj)).unsqueeze(0)  # (1, D, H, W)
-        check_label_values(label, spec, str(path))
-        channels.append(spec.to_channels(label))  # (R, D, H, W) bool
-    spacing = tuple(float(z) for z in pred_img.header.get_zooms()[:3])
-    return channels[0], channels[1], spacing
+    on_disk = {strip_nifti_suffix(p.name): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")}
+    record = folder / SUMMARY_NAME
+    if not record.is_file():
+        if not on_disk:
+            raise DatasetError(f"prediction folder {str(folder)!r} holds no <case>.nii.gz files")
+        return on_disk, None
+    try:
+        listed = json.loads(record.read_text())["cases"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(f"{record}: not a predictions record of medseg.predict ({type(err).__name__}: {err})") from err
+    files = {}
+    for entry in listed:
+        if "prediction" in entry:
+            path = Path(entry["prediction"])
+            path = path if path.is_file() else folder / path.name  # a moved folder keeps its file names
+            if not path.is_file():
+                raise DatasetError(f"{record} lists {entry['prediction']} for case {entry['case']}, but the file is gone")
+            files[str(entry["case"])] = path
+    stale = sorted(set(on_disk) - {strip_nifti_suffix(p.name) for p in files.values()})
+    if stale:
+        log.warning("%d file(s) in %s were not written by the run %s records; left out: %s", len(stale), folder, SUMMARY_NAME, stale[:5])
+    return files, [str(entry["case"]) for entry in listed]
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -75,37 +79,35 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
     Returns:
         The per-case rows (one per case and region).
+
+    Raises:
+        DatasetError: predictions without a reference, or (``missing=error``) expected cases without a prediction.
+        ConfigError: ``missing`` is not ``error`` or ``zero``.
     """
     check_required(cfg)
+    if cfg.missing not in MISSING:
+        raise ConfigError(f"expected missing to be one of {MISSING}, got {cfg.missing!r}")
     spec = LabelSpec.from_config(cfg.data.labels)
-    predictions, references = prediction_files(cfg.pred), find_label_files(cfg.ref)
-    missing = sorted(set(predictions) - set(references))
-    if missing:
-        raise DatasetError(f"no reference label under {cfg.ref} for predicted case(s) {missing[:5]}")
+    (predictions, expected), references = prediction_files(cfg.pred), find_label_files(cfg.ref)
+    expected = expected if expected is not None else sorted(references)
+    no_reference = sorted(set(predictions) - set(references))
+    if no_reference:
+        raise DatasetError(f"no reference label under {cfg.ref} for predicted case(s) {no_reference[:5]}")
+    missing = [c for c in expected if c not in predictions and c in references]
+    if missing and cfg.missing == "error":
+        raise DatasetError(f"{len(missing)} case(s) have a reference but no prediction in {cfg.pred}: {missing[:10]}; "
+                           "predict them, or score them as empty predictions with missing=zero")
     lesion_options = OmegaConf.to_container(cfg.model.lesion_metrics, resolve=True) if cfg.model.get("lesion_metrics") else None
+    empty_score = float(cfg.model.empty_score)
     rows: list[dict[str, Any]] = []
-    for case, pred_path in tqdm(predictions.items(), desc="Evaluating", unit="case"):
-        pred, ref, spacing = load_pair(pred_path, Path(references[case]), spec)
-        rows += case_rows([case], pred[None], ref[None], torch.tensor([spacing]), spec.names, lesion_options, cfg.model.empty_score)
-    write_report(rows, Path(cfg.output), spec, lesion_options)
+    for case in tqdm([c for c in expected if c in references], desc="Evaluating", unit="case"):
+        if case in predictions:
+            rows += evaluate_case(case, predictions[case], references[case], spec, lesion_options, empty_score)
+        else:
+            rows += [{**row, "missing": True} for row in score_missing_case(case, references[case], spec, lesion_options, empty_score)]
+    summary = write_report(rows, Path(cfg.output), spec, lesion_options, empty_score, {"missing_cases": missing})
+    log.info("Evaluated %d case(s)%s: %s", summary["cases"], f" ({len(missing)} without a prediction, scored empty)" if missing else "", cfg.output)
     return rows
-
-
-def write_report(rows: list[dict[str, Any]], out: Path, spec: LabelSpec, lesion_options: dict[str, Any] | None) -> None:
-    """``evaluation.csv``, ``summary.json``, ``dice_per_case.png`` and (with lesion metrics) ``recall_by_lesion_size.png``."""
-    write_csv_atomic(rows, out / "evaluation.csv")
-    numeric = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
-    summary: dict[str, Any] = {"cases": len(rows) // len(spec.names), "region_means": region_means(rows, numeric)}
-    save_figure(plot_case_dice(rows), out / "dice_per_case.png")
-    if lesion_options is not None:
-        buckets = lesion_options.get("bucket_names", ("small", "medium", "large"))
-        pooled = recall_by_size(rows, buckets)
-        summary["lesion_detection"] = {r: pooled_detection(rows, r) for r in spec.names}
-        summary["lesion_recall_by_size"] = {r: {b: {"detected": d, "reference": n, "recall": d / n if n else None} for b, (d, n) in v.items()} for r, v in pooled.items()}
-        edges = lesion_options.get("size_buckets_mm3", (50.0, 500.0))
-        save_figure(plot_recall_by_size(rows, buckets, edges), out / "recall_by_lesion_size.png")
-    write_json_atomic(out / "summary.json", summary)
-    log.info("Evaluated %d case(s): %s", summary["cases"], out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

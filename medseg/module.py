@@ -17,10 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from medseg.data.labels import LabelSpec
-from medseg.metrics.cases import case_rows, gather_rows
 from medseg.metrics.lesion import LesionMetrics
-from medseg.metrics.matching import MatchingRule
-from medseg.metrics.operating_point import CRITERIA, OperatingPointSweep
+from medseg.metrics.operating_point import CRITERIA
 from medseg.metrics.voxel import OverlapMetrics, binarize, target_channels
 from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, flip_averaged_probabilities, logits_of, postprocess, probabilities
 
@@ -29,9 +27,9 @@ LOGGED_LESION_KEYS = ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NONFINITE_ACTIONS = ("stop", "skip")
 log = logging.getLogger("medseg")
-# Validation and test values are torchmetrics results, already reduced over processes; train/loss is the
-# value of rank 0's batches (syncing it every step would cost a collective per step).
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test)/", category=PossibleUserWarning)
+# Validation values are torchmetrics results, already reduced over processes; train/loss is the value of rank 0's
+# batches (syncing it every step would cost a collective per step).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val)/", category=PossibleUserWarning)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,9 +51,10 @@ class SegmentationModule(L.LightningModule):
         threshold: probability above which a sigmoid output counts as foreground (until a tuned operating
             point replaces it, see ``operating_point``).
         min_component_mm3: predicted components smaller than this are removed before scoring (0: none).
-        operating_point: the final evaluation's sweep: ``criterion`` (``"dice"``, ``"lesion_f1"``, or ``None`` to
-            keep ``threshold`` / ``min_component_mm3``), ``thresholds`` and ``min_component_mm3`` (the grid). See
-            :meth:`start_sweep`; the chosen point becomes :attr:`postprocessing` and travels in checkpoints.
+        operating_point: the final evaluation's sweep (:mod:`medseg.final_evaluation`): ``criterion``
+            (``"dice"``, ``"lesion_f1"``, or ``None`` to keep ``threshold`` / ``min_component_mm3``), ``thresholds``
+            and ``min_component_mm3`` (the grid); the chosen point becomes :attr:`postprocessing` and travels in
+            checkpoints.
         empty_score: metric value for a case where reference and prediction are both empty.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         lesion_metrics: options of :class:`medseg.metrics.lesion.LesionMetrics` (connectivity, size buckets,
@@ -66,8 +65,8 @@ class SegmentationModule(L.LightningModule):
         max_skipped_steps: with ``"skip"``, stop anyway after this many skipped steps in a row.
         channels_last: keep the network's weights and its input batches in ``channels_last_3d`` memory order
             (same results; faster or slower by network and device: see ``conf/model/module.yaml``).
-        tta_flip_axes: mirroring test-time augmentation in test passes (the final evaluation on the validation
-            cases): probabilities averaged over every combination of flips of these spatial axes; ``()`` for none.
+        tta_flip_axes: mirroring test-time augmentation of the final evaluation (and, as recorded with the tuned
+            point, of prediction): probabilities averaged over every combination of flips of these spatial axes.
         compile: ``False`` or a ``torch.compile`` mode (``"default"``, ``"max-autotune"``, ...): run the network
             compiled (training steps and sliding windows); the weights, state dict and checkpoints are unchanged.
         compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no C++ compiler).
@@ -75,8 +74,9 @@ class SegmentationModule(L.LightningModule):
     Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
     ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
     ``val/lesion_f1_<region>``, ``val/lesion_f1_case_mean_<region>``, ``val/fp_per_case_<region>``,
-    ``val/lesion_dice_<region>`` (and the same under ``test/``). After a test run, :attr:`case_rows` holds one
-    row of per-case metrics (voxel scores, HD95 in mm, lesion metrics) per case and region.
+    ``val/lesion_dice_<region>``. The per-epoch validation scores the preprocessed (resampled, cropped) grid at
+    the untuned point: it picks checkpoints. What a run reports is the final evaluation of the label files its
+    predictions give in each case's original geometry (:mod:`medseg.final_evaluation`).
     """
 
     def __init__(
@@ -131,17 +131,12 @@ class SegmentationModule(L.LightningModule):
         self.mode = self.label_spec.mode
         self.inferer = inferer
         names = self.label_spec.names
-        self.metrics = nn.ModuleDict({stage: OverlapMetrics(names, empty_score=empty_score) for stage in ("val", "test")})
+        self.metrics = nn.ModuleDict({"val": OverlapMetrics(names, empty_score=empty_score)})
         self.lesion_options = {**(lesion_metrics or {}), "empty_score": empty_score}
-        self.lesion_metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names}) for stage in ("val", "test")}
-        ) if lesion_metrics else None
-        self.case_rows: list[dict[str, Any]] = []
+        self.lesion_metrics = nn.ModuleDict({"val": nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names})}) if lesion_metrics else None
         # What turns probabilities into masks for scoring and prediction; replaced by the tuned point.
         self.postprocessing = OperatingPoint.uniform(names, threshold, min_component_mm3)
         self.connectivity = int((lesion_metrics or {}).get("connectivity", 26))
-        self.sweep: OperatingPointSweep | None = None  # set by start_sweep() for one test pass
-        self.sweep_result: tuple[OperatingPoint, list[dict[str, Any]]] | None = None
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
         self._last_batch: tuple[Tensor, list[str]] | None = None  # (loss, cases) of this process's current step
         self._skipped_in_a_row = 0
@@ -247,84 +242,44 @@ class SegmentationModule(L.LightningModule):
         named = [f"rank {rank}: {what}" if len(seen) > 1 else what for rank, what in enumerate(seen) if what]
         return "; ".join(named) or "non-finite gradients with a finite loss"
 
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Score one preprocessed validation volume at :attr:`postprocessing` (the per-epoch validation)."""
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
-        logits = self.predict_volume(image, self.tta_flip_axes if stage == "test" else ())
+        logits = self.predict_volume(image)
         target = target.to(logits.device)  # stitched on the CPU when the GPU ran out of memory
-        self.log(f"{stage}/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        self.log("val/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
         truth = target_channels(target, self.mode, logits.shape[1])
         spacing = batch.get("spacing")  # (B, 3) mm
         pred = self.masks(logits, spacing)  # (B, R, H, W, D) bool
-        if stage == "test" and self.sweep is not None:
-            self.sweep.update(probabilities(logits, self.mode), truth, spacing)
-        self.metrics[stage].update(pred, truth)
-        lesions = None  # per region, per case: the lesion matching of the metrics, reused by the per-case rows
+        self.metrics["val"].update(pred, truth)
         if self.lesion_metrics is not None:
-            lesions = []
             for r, name in enumerate(self.label_spec.names):
-                self.lesion_metrics[stage][name].update(pred[:, r], truth[:, r], spacing=spacing)
-                lesions.append(self.lesion_metrics[stage][name].last_cases)
-        if stage == "test":
-            rows = case_rows(batch.get("case"), pred, truth, spacing, self.label_spec.names, self.lesion_options, self.hparams.empty_score,
-                             counts=self.metrics[stage].last_counts, lesions=lesions)
-            self.case_rows.extend(rows)
+                self.lesion_metrics["val"][name].update(pred[:, r], truth[:, r], spacing=spacing)
 
     def masks(self, logits: Tensor, spacing: Tensor | None = None) -> Tensor:
-        """Binary masks ``(B, R, *spatial)`` of logits ``(B, C, *spatial)`` at :attr:`postprocessing`, the same
-        post-processing as :mod:`medseg.predict` (``spacing`` ``(B, 3)`` mm turns sizes into voxels)."""
+        """Binary masks ``(B, R, *spatial)`` of logits ``(B, C, *spatial)`` at :attr:`postprocessing`, post-processed as
+        :mod:`medseg.prediction` does (``spacing`` ``(B, 3)`` mm turns sizes into voxels)."""
         point = self.postprocessing
-        if not any(point.min_component_mm3) and len(set(point.threshold)) == 1:
+        if not any(point.min_component_mm3) and len(set(point.threshold)) == 1 and not self.label_spec.nesting:
             return binarize(logits, self.mode, point.threshold[0])  # on the logits' device, no copy to the CPU
         probs = probabilities(logits, self.mode)
         spacings = spacing.tolist() if spacing is not None else [[1.0, 1.0, 1.0]] * logits.shape[0]
-        masks = [postprocess(probs[b], self.mode, point, float(np.prod(spacings[b])), self.connectivity) for b in range(logits.shape[0])]
+        masks = [postprocess(probs[b], self.mode, point, float(np.prod(spacings[b])), self.connectivity, self.label_spec.nesting) for b in range(logits.shape[0])]
         return torch.from_numpy(np.stack(masks)).to(logits.device)
 
-    def start_sweep(self) -> None:
-        """Sweep the operating-point grid during the next test pass (see :meth:`on_test_epoch_end`)."""
-        options = self.hparams.operating_point or {}
-        lesion = self.hparams.lesion_metrics or {}
-        self.sweep = OperatingPointSweep(
-            # softmax: the argmax needs no threshold; the configured one is kept, so the untuned point can win
-            self.label_spec.names, self.mode, options.get("thresholds", [self.hparams.threshold]) if self.mode == "sigmoid" else [self.hparams.threshold], options.get("min_component_mm3", [0.0]),
-            self.connectivity, lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.hparams.empty_score, MatchingRule.from_options(lesion),
-        ).to(self.device)
-        self.sweep_result = None
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_start(self) -> None:
-        self.case_rows = []
-
-    def _log_metrics(self, stage: str) -> None:
+    def on_validation_epoch_end(self) -> None:
         # compute() already reduces across processes (torchmetrics sync), so no sync_dist here.
-        values = self.metrics[stage].compute()
-        logged = {f"{stage}/{k}": v for k, v in values.items()}
+        values = self.metrics["val"].compute()
+        logged = {f"val/{k}": v for k, v in values.items()}
         if self.lesion_metrics is not None:
-            for name, metric in self.lesion_metrics[stage].items():
+            for name, metric in self.lesion_metrics["val"].items():
                 lesion = metric.compute()
                 lesion["fp_per_case"] = lesion["false_positives"].double() / lesion["n_cases"].clamp_min(1)
-                logged.update({f"{stage}/{k}_{name}": v.float() for k, v in lesion.items() if k in LOGGED_LESION_KEYS or k.startswith(("lesion_recall_", "n_ref_lesions_"))})
+                logged.update({f"val/{k}_{name}": v.float() for k, v in lesion.items() if k in LOGGED_LESION_KEYS or k.startswith(("lesion_recall_", "n_ref_lesions_"))})
                 metric.reset()
-        self.log_dict({k: v for k, v in logged.items() if k != f"{stage}/dice"})
-        self.log(f"{stage}/dice", values["dice"], prog_bar=True)
-        self.metrics[stage].reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-        self.case_rows = gather_rows(self.case_rows)
-        if self.sweep is not None:
-            with self.sweep.sync_context():  # every process's counts (DDP); all processes choose alike
-                criterion = (self.hparams.operating_point or {}).get("criterion") or "dice"
-                self.sweep_result = (self.sweep.choose(criterion, default_threshold=self.hparams.threshold), self.sweep.table())
-            self.sweep = None
+        self.log_dict({k: v for k, v in logged.items() if k != "val/dice"})
+        self.log("val/dice", values["dice"], prog_bar=True)
+        self.metrics["val"].reset()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
@@ -344,7 +299,7 @@ class SegmentationModule(L.LightningModule):
         # A stored point belongs to the stored weights: not adopted when training goes on from them (resume or
         # fine-tune: validation and new checkpoints use the configured point) nor by a pass about to tune anew.
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        if checkpoint.get(CHECKPOINT_KEY) and not fitting and self.sweep is None:
+        if checkpoint.get(CHECKPOINT_KEY) and not fitting:
             self.postprocessing = OperatingPoint.from_dict(checkpoint[CHECKPOINT_KEY])
 
 

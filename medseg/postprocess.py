@@ -3,10 +3,10 @@
 One operating point per region (sigmoid) or class (softmax): a probability ``threshold`` (sigmoid only; a
 softmax class is its argmax) and a minimum connected-component volume ``min_component_mm3`` below which a
 predicted component is removed. Training's final evaluation tunes the point on the validation cases
-(:mod:`medseg.metrics.operating_point`), stores it in the checkpoint, and prediction applies it from there, so
-the masks a user gets are those the reported numbers were measured on. (The evaluation post-processes on the
-preprocessed grid; prediction resamples the probabilities back to each input's grid first and post-processes
-there, so where ``data.spacing`` resamples, masks can differ from the scored ones by border voxels.)
+(:mod:`medseg.metrics.operating_point`), stores it in the run folder and its checkpoints, and prediction applies
+it from there. Both post-process the probabilities mapped back to each case's own voxel grid with
+:func:`postprocess`, and the final evaluation scores the label files it writes, so the reported numbers are those
+of the masks a user gets.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class OperatingPoint:
         min_component_mm3: predicted components smaller than this volume are removed (0 keeps all).
         criterion: what the point was chosen to maximise (``"dice"``, ``"lesion_f1"``), or ``None`` if untuned.
         score: the criterion's value at the point on the tuning cases (NaN if untuned).
+        tta_flip_axes: the test-time flips of the probabilities the point was tuned on (``None``: not recorded);
+            prediction uses the same unless told otherwise.
     """
 
     names: tuple[str, ...]
@@ -43,6 +45,7 @@ class OperatingPoint:
     min_component_mm3: tuple[float, ...]
     criterion: str | None = None
     score: tuple[float, ...] = ()
+    tta_flip_axes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.names) == len(self.threshold) == len(self.min_component_mm3)):
@@ -67,6 +70,7 @@ class OperatingPoint:
                 name: {"threshold": t, "min_component_mm3": m, **({"score": s} if self.score else {})}
                 for name, t, m, s in zip(self.names, self.threshold, self.min_component_mm3, self.score or [None] * len(self.names))
             },
+            **({"tta_flip_axes": list(self.tta_flip_axes)} if self.tta_flip_axes is not None else {}),
         }
 
     @classmethod
@@ -74,7 +78,8 @@ class OperatingPoint:
         regions = data["regions"]
         names = tuple(regions)
         score = tuple(float(regions[n]["score"]) for n in names) if all("score" in regions[n] for n in names) else ()
-        return cls(names, tuple(float(regions[n]["threshold"]) for n in names), tuple(float(regions[n]["min_component_mm3"]) for n in names), data.get("criterion"), score)
+        flips = tuple(int(a) for a in data["tta_flip_axes"]) if data.get("tta_flip_axes") is not None else None
+        return cls(names, tuple(float(regions[n]["threshold"]) for n in names), tuple(float(regions[n]["min_component_mm3"]) for n in names), data.get("criterion"), score, flips)
 
     def with_overrides(self, threshold: float | None = None, min_component_mm3: float | None = None) -> OperatingPoint:
         """This point with one threshold and/or minimum size for every region (a user's explicit choice)."""
@@ -85,6 +90,7 @@ class OperatingPoint:
             self.min_component_mm3 if min_component_mm3 is None else (float(min_component_mm3),) * n,
             self.criterion if threshold is None and min_component_mm3 is None else None,
             self.score if threshold is None and min_component_mm3 is None else (),
+            self.tta_flip_axes,
         )
 
 
@@ -138,13 +144,19 @@ def foreground_masks(probs: Tensor, mode: str, threshold: Sequence[float]) -> np
     return np.stack([index == c for c in range(1, probs.shape[0])])
 
 
-def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: float, connectivity: int = 26) -> np.ndarray:
+def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: float, connectivity: int = 26, nesting: Sequence[tuple[int, int]] = ()) -> np.ndarray:
     """Probabilities to the final binary masks of ``point``: threshold (or argmax), then small components removed.
+
+    Nested regions (``nesting``: ``(outer, inner)`` channel pairs, :attr:`medseg.data.labels.LabelSpec.nesting`, e.g.
+    BraTS WT ⊇ TC ⊇ ET) stay nested, so that the masks survive the trip to dataset labels and back unchanged: an
+    inner region's voxels also count for its outer regions (as nnU-Net writes region labels, inner ones last), and
+    components are removed from the outermost region first, a removed component taking its inner voxels with it.
 
     Args:
         probs: ``(C_out, *spatial)`` probabilities (see :func:`foreground_masks`).
         point: the operating point, one entry per region/class.
         voxel_mm3: the volume of one voxel of ``probs``' grid, to turn ``min_component_mm3`` into voxels.
+        nesting: ``(outer, inner)`` pairs of sigmoid regions; ``()``: regions are filtered independently.
 
     Returns:
         Boolean ``(R, *spatial)``.
@@ -152,7 +164,16 @@ def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: floa
     masks = foreground_masks(probs, mode, point.threshold)
     if len(point.names) != masks.shape[0]:
         raise ValueError(f"expected an operating point for {masks.shape[0]} regions, got one for {list(point.names)}")
-    return np.stack([remove_small_components(m, min_component_voxels(size, voxel_mm3), connectivity) for m, size in zip(masks, point.min_component_mm3)])
+    inners = {r: [i for o, i in nesting if o == r] for r in range(masks.shape[0])}
+    order = sorted(range(masks.shape[0]), key=lambda r: -len(inners[r]))  # outermost (most inner regions) first
+    for r in reversed(order):  # innermost first: each region takes in its inner regions' voxels
+        for i in inners[r]:
+            masks[r] |= masks[i]
+    for r in order:
+        masks[r] = remove_small_components(masks[r], min_component_voxels(point.min_component_mm3[r], voxel_mm3), connectivity)
+        for i in inners[r]:
+            masks[i] &= masks[r]  # components removed from the outer region take their inner voxels with them
+    return masks
 
 
 def probabilities(logits: Tensor, mode: str) -> Tensor:

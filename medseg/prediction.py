@@ -15,11 +15,12 @@ file or error, in the input's order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from medseg.config import ConfigError, check_required
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, reference_label_folders
 from medseg.data.transforms import IMAGE
+from medseg.evaluation import spacing_mm
 from medseg.io import write_json_atomic, write_nifti_atomic
 from medseg.module import SegmentationModule
 from medseg.postprocess import OperatingPoint, postprocess
@@ -56,11 +58,33 @@ REQUIRED_HELP = {
 }
 
 
+def resolve_checkpoint(ckpt_path: str | Path) -> Path:
+    """The checkpoint file ``ckpt_path`` names: a ``.ckpt`` file, or a training run folder, whose evaluated checkpoint
+    (``operating_point.json`` records it) or else ``checkpoints/last.ckpt`` is taken.
+
+    Raises:
+        ConfigError: no such file, or a folder without a checkpoint.
+    """
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        record = path / "operating_point.json"
+        if record.is_file():
+            name = Path(str(json.loads(record.read_text()).get("checkpoint") or "")).name
+            if name and (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        if (path / "checkpoints" / "last.ckpt").is_file():
+            return path / "checkpoints" / "last.ckpt"
+        raise ConfigError(f"ckpt_path={str(path)!r} is a folder without checkpoints/last.ckpt; pass a training run folder or a .ckpt file")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: ckpt_path={str(path)!r}; pass a training run folder (outputs/<task>/runs/<run>) or a .ckpt file of one")
+    return path
+
+
 def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> tuple[SegmentationModule, DictConfig]:
     """The trained module and its training config, from a checkpoint written by ``medseg.train``.
 
     Args:
-        ckpt_path: the ``.ckpt`` file.
+        ckpt_path: the ``.ckpt`` file, or a run folder (:func:`resolve_checkpoint`).
         inferer: sliding-window options replacing the checkpoint's ``model.inferer`` values (``None``
             values are ignored).
 
@@ -70,9 +94,7 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
     Raises:
         ConfigError: the file is missing or unreadable, lacks the saved config, or its weights do not fit it.
     """
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: ckpt_path={str(path)!r}; pass a .ckpt file of a training run (outputs/<task>/runs/<run>/checkpoints/last.ckpt)")
+    path = resolve_checkpoint(ckpt_path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "not a readable checkpoint"
@@ -113,20 +135,20 @@ def check_output_folder(output: str | Path, input_folders: list[Path], enclosing
     return out
 
 
-def infer_probabilities(model: SegmentationModule, image: Tensor, tta: bool = False, flip_axes: Sequence[int] = (0, 1, 2)) -> Tensor:
+def infer_probabilities(model: SegmentationModule, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
     """Sliding-window probabilities of one preprocessed volume.
 
     Args:
-        model: the trained module (its ``predict_volume`` and ``mode``).
+        model: the trained module (its ``predict_probabilities`` and ``mode``).
         image: ``(C_in, H, W, D)`` float32, on the model's device.
-        tta: average over the flips of ``flip_axes`` (8 for three axes; each prediction flipped back first).
-        flip_axes: spatial axes (0, 1, 2) to flip: those the model was trained with (``data.augment.flip_axes``).
+        flip_axes: spatial axes (0, 1, 2) whose flips the probabilities are averaged over (test-time augmentation,
+            2^len passes, each prediction flipped back first); ``()``: none.
 
     Returns:
         ``(C_out, H, W, D)`` float32: per-region sigmoid or per-class softmax probabilities.
     """
     with torch.inference_mode():
-        return model.predict_probabilities(image[None], flip_axes if tta else ())[0]
+        return model.predict_probabilities(image[None], tuple(flip_axes))[0]
 
 
 def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose) -> Tensor:
@@ -165,7 +187,7 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
         ``(X, Y, Z)`` integer labels in the dataset's convention (e.g. BraTS 0/1/2/4).
     """
     point = point or OperatingPoint.uniform(spec.names)
-    masks = postprocess(probs, spec.mode, point, voxel_mm3, connectivity)  # (R, X, Y, Z) bool
+    masks = postprocess(probs, spec.mode, point, voxel_mm3, connectivity, spec.nesting)  # (R, X, Y, Z) bool, nested regions kept nested
     labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
     foreground = masks.any(0)  # (X, Y, Z)
     if not foreground.any():
@@ -192,8 +214,7 @@ class PredictOptions:
 
     output: Path
     device: torch.device
-    tta: bool = False
-    flip_axes: tuple[int, ...] = (0, 1, 2)  # the test-time flips: those of the training augmentation
+    flip_axes: tuple[int, ...] = ()  # test-time flips: those the operating point was tuned with, unless told otherwise
     point: OperatingPoint | None = None  # per-region threshold and minimum component volume; None: 0.5, none removed
     connectivity: int = 26  # of the components the point's size filter removes: the model's
     save_probabilities: bool = False
@@ -247,31 +268,42 @@ def infer_case(case: PreparedCase, model: SegmentationModule, options: PredictOp
     """
     start = time.perf_counter()
     image = case.data[IMAGE].as_tensor().to(options.device)  # (C_in, H, W, D)
-    probs = infer_probabilities(model, image, options.tta, options.flip_axes).cpu()
+    probs = infer_probabilities(model, image, options.flip_axes).cpu()
     case.seconds += time.perf_counter() - start
     return probs
 
 
-def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
-    """Probabilities of a case back on its input grid -> labels -> ``<output>/<case>.nii.gz`` (and the
-    probabilities if asked).
+def input_geometry_probabilities(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec) -> Tensor:
+    """A case's probabilities on the preprocessed grid mapped back onto its input file's voxel grid.
 
     Args:
         probs: ``(C_out, H, W, D)`` from :func:`infer_case`.
         transform: the preprocessing that produced ``case.data``.
 
     Returns:
-        ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``); ``seconds`` sums
-        the case's own stages.
+        ``(C_out, X, Y, Z)`` float32 (softmax: voxels outside the inverted crop are background).
     """
-    start = time.perf_counter()
     probs = to_original_geometry(probs, case.data, transform)  # (C_out, X, Y, Z)
     if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
         # A new tensor: with nothing to invert, probs are the sliding window's inference tensors (read-only here).
         probs = torch.cat([(1.0 - probs[1:].sum(0, keepdim=True)).clamp(0.0, 1.0), probs[1:]])
+    return probs
+
+
+def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+    """Probabilities on a case's input grid -> labels at ``options.point`` -> ``<output>/<case>.nii.gz`` (and the
+    probabilities if asked), with the first input image's affine and header.
+
+    Args:
+        probs: ``(C_out, X, Y, Z)`` from :func:`input_geometry_probabilities`.
+
+    Returns:
+        ``{"case", "prediction": path, "shape", "seconds"}`` (and ``"probabilities"``); ``seconds`` sums
+        the case's own stages.
+    """
+    start = time.perf_counter()
     reference = nib.load(case.record["image"][0])
-    voxel_mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
-    labels = segment(probs, spec, options.point, voxel_mm3, options.connectivity)  # (X, Y, Z)
+    labels = segment(probs, spec, options.point, float(np.prod(spacing_mm(reference))), options.connectivity)  # (X, Y, Z)
     write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, case.target)
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
     if options.save_probabilities:
@@ -281,6 +313,15 @@ def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: Labe
         result["probabilities"] = str(prob_path)
     result["seconds"] = round(case.seconds + time.perf_counter() - start, 2)
     return result
+
+
+def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+    """:func:`input_geometry_probabilities` then :func:`write_labels`: a case's label file from its probabilities on
+    the preprocessed grid ``(C_out, H, W, D)``."""
+    start = time.perf_counter()
+    probs = input_geometry_probabilities(case, probs, transform, spec)
+    case.seconds += time.perf_counter() - start
+    return write_labels(case, probs, spec, options)
 
 
 def predict_case(record: CaseRecord, model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
@@ -312,7 +353,15 @@ class _InlineExecutor(Executor):
         return future
 
 
-def predict_cases(cases: Sequence[CaseRecord], model: SegmentationModule, transform: Compose, spec: LabelSpec, options: PredictOptions, prefetch: int = 1) -> Iterator[dict[str, Any]]:
+def predict_cases(
+    cases: Sequence[CaseRecord],
+    model: SegmentationModule,
+    transform: Compose,
+    spec: LabelSpec,
+    options: PredictOptions,
+    prefetch: int = 1,
+    finish: Callable[[PreparedCase, Tensor], dict[str, Any]] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Predict ``cases`` with the sliding window in this thread and reading and writing overlapped with it.
 
     While case ``i`` is inferred, cases ``i+1 .. i+prefetch`` are read and preprocessed (:func:`read_case`)
@@ -323,6 +372,9 @@ def predict_cases(cases: Sequence[CaseRecord], model: SegmentationModule, transf
         cases: ``{"case", "image": [files]}`` records.
         prefetch: cases read ahead of (and written behind) the one inferred, >= 0; 0 runs every stage in this
             thread, one case after another.
+        finish: what the writer does with a case and its probabilities on the input grid ``(C_out, X, Y, Z)``
+            (:func:`input_geometry_probabilities`); ``None``: :func:`write_labels` (the final evaluation keeps the
+            probabilities instead, to tune the operating point before writing labels).
 
     Yields:
         One result per case, in the order of ``cases``: :func:`predict_case`'s, or ``{"case", "error",
@@ -344,7 +396,9 @@ def predict_cases(cases: Sequence[CaseRecord], model: SegmentationModule, transf
         return read_case(cases[index], transforms[index], options)
 
     def write(index: int, case: PreparedCase, probs: Tensor) -> dict[str, Any]:
-        return write_case(case, probs, transforms.pop(index), spec, options)
+        if finish is None:
+            return write_case(case, probs, transforms.pop(index), spec, options)
+        return finish(case, input_geometry_probabilities(case, probs, transforms.pop(index), spec))
 
     reads: deque[tuple[CaseRecord, Future]] = deque()  # read ahead, oldest first
     writes: deque[tuple[CaseRecord, Future]] = deque()  # inferred (or failed), oldest first
@@ -432,8 +486,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     options = PredictOptions(
         output=output,
         device=device,
-        tta=bool(cfg.tta),
-        flip_axes=tuple(data_cfg.get("augment", {}).get("flip_axes", (0, 1, 2))),
+        flip_axes=test_time_flips(cfg.get("tta"), model, train_cfg),
         point=point,
         connectivity=model.connectivity,
         save_probabilities=bool(cfg.save_probabilities),
@@ -451,13 +504,29 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     summary = {
         "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
         "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input),
-        "options": {"tta": options.tta, "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
+        "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
         "failed": sum("error" in r for r in results),
         "cases": results,
     }
     write_json_atomic(output / SUMMARY_NAME, summary)
     log.info("%d of %d case(s) predicted into %s (%s)", len(results) - summary["failed"], len(results), output, SUMMARY_NAME)
     return results
+
+
+def test_time_flips(tta: bool | None, model: SegmentationModule, train_cfg: DictConfig) -> tuple[int, ...]:
+    """The flip axes prediction averages over (``tta``: ``predict.yaml``).
+
+    ``None``: those the checkpoint's operating point was tuned with (recorded with the point; else the training
+    config's ``model.tta_flip_axes``), so that predictions are what the reported numbers measured. ``True``: those,
+    or the training augmentation's ``data.augment.flip_axes`` when they are none. ``False``: no flips.
+    """
+    if tta is False:
+        return ()
+    tuned = model.postprocessing.tta_flip_axes
+    flips = tuple(tuned) if tuned is not None else tuple(int(a) for a in train_cfg.model.get("tta_flip_axes") or ())
+    if tta is True and not flips:
+        flips = tuple(int(a) for a in train_cfg.data.get("augment", {}).get("flip_axes", (0, 1, 2)))
+    return flips
 
 
 def _device(name: str) -> torch.device:

@@ -1,8 +1,10 @@
 """Train a segmentation model: ``python -m medseg.train +experiment=<name> [key=value ...]``.
 
-The flow: compose the config (Hydra) -> data module -> model -> callbacks and loggers -> Trainer ->
-fit -> evaluate the best checkpoint on the validation cases -> print and save the metrics. ``train(cfg)`` is the whole job, so
-tests and sweeps call it directly; ``main`` only adds Hydra and readable errors.
+The flow: compose the config (Hydra) -> data module -> model -> callbacks and loggers -> Trainer -> fit -> the final
+evaluation of the best checkpoint on the validation cases, done as ``medseg.predict`` + ``medseg.evaluate`` would
+do it (:mod:`medseg.final_evaluation`) -> the operating point into the run folder and every checkpoint -> print and
+save the metrics. ``train(cfg)`` is the whole job, so tests and sweeps call it directly; ``main`` only adds Hydra
+and readable errors.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -25,13 +28,16 @@ from medseg.checkpoint_io import update_checkpoint
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.layouts import DATA_HELP, DatasetError
 from medseg.distributed import one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
+from medseg.final_evaluation import FinalEvaluation, evaluate_cases
 from medseg.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from medseg.module import NonFiniteLossError, SegmentationModule
-from medseg.metrics.cases import region_means
 from medseg.postprocess import CHECKPOINT_KEY
 from medseg.report import print_metrics_table, to_floats
 
 log = logging.getLogger("medseg")
+# Prefix of the final evaluation's values among train()'s returned metrics (the per-epoch validation's is val/).
+FINAL = "final_val"
+VALIDATION_DIR = "validation"
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -55,57 +61,41 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir))
     metrics = to_floats(trainer.callback_metrics)
     if cfg.get("evaluate_best") and datamodule.val_cases:
-        # The best checkpoint on the validation cases: metrics table, metrics.json, per-case CSV.
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        metrics = evaluate_on_validation(cfg, trainer, model, datamodule, best, metrics)
+        metrics = final_evaluation(cfg, trainer, model, datamodule.val_cases, best, metrics)
     return metrics
 
 
-def evaluate_on_validation(cfg: DictConfig, trainer: L.Trainer, model: SegmentationModule, datamodule: Any, checkpoint: str, fit_metrics: dict[str, float]) -> dict[str, float]:
-    """Score ``checkpoint`` on the validation cases, tuning the operating point first when configured;
-    returns ``fit_metrics`` updated with the ``test/`` values.
-
-    Pass 1 scores the untuned point and sweeps the grid (``model.operating_point``); the chosen point is written
-    to the run folder and into ``checkpoint``; if it differs from the untuned one, pass 2 scores it. The report
-    (table, ``metrics.json``, ``test_cases.csv``) is of the final point, with the untuned one beside it.
-    """
-    tune = bool((cfg.model.get("operating_point") or {}).get("criterion"))
-    if tune:
-        model.start_sweep()
-    trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
-    metrics = {**fit_metrics, **to_floats(trainer.callback_metrics)}
-    if not tune or model.sweep_result is None:
-        report(cfg, metrics, model, checkpoint)
-        return metrics
-    untuned, untuned_rows = metrics, model.case_rows
-    point, table = model.sweep_result
-    save_operating_point(cfg, point, table, checkpoint)
-    trainer.strategy.barrier()  # every process reads the checkpoint only once rank 0 has rewritten it
-    if (point.threshold, point.min_component_mm3) == (model.postprocessing.threshold, model.postprocessing.min_component_mm3):
-        model.postprocessing = point  # the untuned point won: no second pass
-        report(cfg, metrics, model, checkpoint, untuned, untuned_rows)
-        return metrics
-    model.postprocessing = point  # also read back from the checkpoint by the second pass
-    trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
-    metrics = {**fit_metrics, **to_floats(trainer.callback_metrics)}
-    report(cfg, metrics, model, checkpoint, untuned, untuned_rows)
-    return metrics
+def final_evaluation(cfg: DictConfig, trainer: L.Trainer, model: SegmentationModule, cases: list[dict[str, Any]], checkpoint: str, fit_metrics: dict[str, float]) -> dict[str, float]:
+    """The best checkpoint's final evaluation on the validation cases (:func:`medseg.final_evaluation.evaluate_cases`,
+    into ``<run>/validation/``), its operating point saved with the run, and the report; returns ``fit_metrics``
+    with the final values as ``final_val/<metric>``."""
+    if checkpoint:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    out = Path(cfg.paths.output_dir)
+    result = evaluate_cases(model, cfg, cases, out / VALIDATION_DIR, trainer.strategy.root_device)
+    model.postprocessing = result.point
+    save_operating_point(cfg, result, checkpoint, Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)
+    report(cfg, result, model, checkpoint, fit_metrics)
+    trainer.strategy.barrier()  # checkpoints and reports are complete before any process goes on
+    return {**fit_metrics, **{f"{FINAL}/{k}": float(v) for k, v in result.summary["metrics"].items()}}
 
 
 @rank_zero_only
-def save_operating_point(cfg: DictConfig, point: Any, table: list[dict[str, Any]], checkpoint: str) -> None:
-    """``operating_point.json``, ``operating_point_sweep.csv`` and ``.png`` in the run folder; the point into
-    ``checkpoint``."""
-    out = Path(cfg.paths.output_dir)
+def save_operating_point(cfg: DictConfig, result: FinalEvaluation, checkpoint: str, checkpoint_dir: Path | None) -> None:
+    """``operating_point.json`` (and with a sweep ``operating_point_sweep.csv`` / ``.png``) in the run folder, and the
+    point into every checkpoint of the run: it belongs to the run, whichever checkpoint a user predicts with."""
+    out, point = Path(cfg.paths.output_dir), result.point
     write_json_atomic(out / "operating_point.json", {"checkpoint": checkpoint, **point.to_dict()})
-    write_csv_atomic(table, out / "operating_point_sweep.csv")
-    from medseg.viz import plot_operating_point, save_figure  # matplotlib only when there is a sweep to draw
+    if result.sweep_table:
+        write_csv_atomic(result.sweep_table, out / "operating_point_sweep.csv")
+        from medseg.viz import plot_operating_point, save_figure  # matplotlib only when there is a sweep to draw
 
-    save_figure(plot_operating_point(table, point.to_dict()["regions"], point.criterion), out / "operating_point_sweep.png")
-    if checkpoint:
-        update_checkpoint(checkpoint, CHECKPOINT_KEY, point.to_dict())
-    chosen = ", ".join(f"{n}: threshold {t:g}, min component {m:g} mm^3" for n, t, m in zip(point.names, point.threshold, point.min_component_mm3))
-    log.info("Operating point (max %s on the validation cases): %s", point.criterion, chosen)
+        save_figure(plot_operating_point(result.sweep_table, point.to_dict()["regions"], str(point.criterion)), out / "operating_point_sweep.png")
+        chosen = ", ".join(f"{n}: threshold {t:g}, min component {m:g} mm^3" for n, t, m in zip(point.names, point.threshold, point.min_component_mm3))
+        log.info("Operating point (max %s on the validation cases): %s", point.criterion, chosen)
+    for path in sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir is not None and checkpoint_dir.is_dir() else []:
+        update_checkpoint(path, CHECKPOINT_KEY, point.to_dict())
 
 
 @rank_zero_only
@@ -115,24 +105,23 @@ def save_config(cfg: DictConfig) -> None:
 
 
 @rank_zero_only
-def report(cfg: DictConfig, metrics: dict[str, float], model: SegmentationModule, checkpoint: str, untuned: dict[str, float] | None = None, untuned_rows: list[dict[str, Any]] | None = None) -> None:
-    """Print the metrics table and write ``metrics.json`` and ``test_cases.csv`` into the run folder (and the
-    untuned point's metrics, ``before_postprocessing`` / ``test_cases_before_postprocessing.csv``, when tuned)."""
+def report(cfg: DictConfig, result: FinalEvaluation, model: SegmentationModule, checkpoint: str, fit_metrics: dict[str, float]) -> None:
+    """Print the final evaluation's table(s) and write ``metrics.json``: the summary of ``validation/evaluation/``
+    (what ``medseg.evaluate`` writes for the same files), the checkpoint, the point, the untuned point's metrics
+    (``before_postprocessing``) and the last training values (``training``)."""
     out = Path(cfg.paths.output_dir)
     names = model.label_spec.names
-    if untuned is not None:
-        print_metrics_table(untuned, names, "test", title=f"Validation cases, {Path(checkpoint).name or 'last weights'}, before post-processing")
-    point = model.postprocessing
+    weights = Path(checkpoint).name or "last weights"
+    if result.untuned is not None:
+        print_metrics_table({f"{FINAL}/{k}": v for k, v in result.untuned["metrics"].items()}, names, FINAL, title=f"Validation cases, {weights}, before post-processing (original geometry)")
+    point = result.point
     where = "" if point.criterion is None else f", tuned operating point (max {point.criterion})"
-    print_metrics_table(metrics, names, "test", title=f"Validation cases, {Path(checkpoint).name or 'last weights'}{where}")
-    numeric = [k for k, v in (model.case_rows[0] if model.case_rows else {}).items() if isinstance(v, (int, float))]
-    summary = {"checkpoint": checkpoint, "operating_point": point.to_dict(), "metrics": metrics, "region_means": region_means(model.case_rows, numeric)}
-    if untuned is not None:
-        summary["before_postprocessing"] = untuned
-        write_csv_atomic(untuned_rows or [], out / "test_cases_before_postprocessing.csv")
+    print_metrics_table({f"{FINAL}/{k}": v for k, v in result.summary["metrics"].items()}, names, FINAL, title=f"Validation cases, {weights}{where} (original geometry)")
+    summary = {**result.summary, "checkpoint": checkpoint, "operating_point": point.to_dict(), "training": fit_metrics}
+    if result.untuned is not None:
+        summary["before_postprocessing"] = result.untuned["metrics"]
     write_json_atomic(out / "metrics.json", summary)
-    write_csv_atomic(model.case_rows, out / "test_cases.csv")
-    log.info("Run folder: %s (checkpoints/, metrics.json, test_cases.csv, csv/metrics.csv, tensorboard/)", out)
+    log.info("Run folder: %s (checkpoints/, metrics.json, validation/ predictions and evaluation/, csv/metrics.csv, tensorboard/)", out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

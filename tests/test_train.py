@@ -47,21 +47,32 @@ def test_training_smoke(brats_tree, tmp_path):
     losses = epoch_losses(tmp_path)
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, f"loss did not fall: {losses}"
-    for key in ("val/dice", "val/dice_wt", "val/dice_tc", "val/dice_et", "val/iou_wt", "val/recall_et", "val/lesion_recall_et", "val/lesion_recall_large_wt", "val/lesion_dice_tc", "test/dice_et"):
+    for key in ("val/dice", "val/dice_wt", "val/dice_tc", "val/dice_et", "val/iou_wt", "val/recall_et", "val/lesion_recall_et", "val/lesion_recall_large_wt", "val/lesion_dice_tc", "final_val/dice_et", "final_val/lesion_f1_wt"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    assert not any(k.startswith("test/") for k in metrics)  # validation cases are not called test
     header = (tmp_path / "csv" / "metrics.csv").open().readline()
     assert "train/loss_focal" in header and "train/loss_dice" in header  # the parts of focal + Dice
-    cases = list(csv.DictReader((tmp_path / "test_cases.csv").open()))
+    validation = tmp_path / "validation"
+    cases = list(csv.DictReader((validation / "evaluation" / "evaluation.csv").open()))
     assert len(cases) == 2 * 3  # two validation cases, three regions
     assert {"case", "region", "dice", "hd95_mm", "lesion_recall", "n_ref_lesions_small", "detected_large"} <= set(cases[0])
-    assert {r["case"] for r in cases} == set(json.loads((tmp_path / "split.json").read_text())["val"])
-    for name in ("config.yaml", "split.json", "metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv"):
+    val_ids = set(json.loads((tmp_path / "split.json").read_text())["val"])
+    assert {r["case"] for r in cases} == val_ids
+    assert {p.name for p in validation.glob("*.nii.gz")} == {f"{c}.nii.gz" for c in val_ids}  # the predictions that were scored
+    assert not (validation / ".probabilities").exists()
+    for name in ("config.yaml", "split.json", "metrics.json", "operating_point.json", "checkpoints/last.ckpt", "csv/metrics.csv", "validation/predictions.json"):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     best = [p for p in (tmp_path / "checkpoints").glob("epoch*.ckpt")]
     assert len(best) == 1
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["checkpoint"] == str(best[0]) and summary["metrics"]["val/dice"] == pytest.approx(metrics["val/dice"])
+    assert summary["checkpoint"] == str(best[0]) and summary["training"]["val/dice"] == pytest.approx(metrics["val/dice"])
+    assert summary["metrics"]["dice_et"] == pytest.approx(metrics["final_val/dice_et"])
+    # The operating point travels in every checkpoint of the run, with the flips it was tuned on.
+    point = json.loads((tmp_path / "operating_point.json").read_text())
+    for path in (best[0], tmp_path / "checkpoints" / "last.ckpt"):
+        stored = torch.load(path, weights_only=True, map_location="cpu")["medseg_operating_point"]
+        assert stored["regions"] == point["regions"] and stored["tta_flip_axes"] == []
     # Checkpoints load safely (weights only) and carry the resolved config for prediction.
     checkpoint = torch.load(best[0], weights_only=True, map_location="cpu")
     assert checkpoint["medseg_config"]["data"]["labels"]["names"] == ["wt", "tc", "et"]

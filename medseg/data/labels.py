@@ -82,6 +82,15 @@ class LabelSpec:
             return tuple(tuple(self.regions[name]) for name in self.names)
         return tuple((value,) for value in self.values[1:])
 
+    @property
+    def nesting(self) -> tuple[tuple[int, int], ...]:
+        """``(outer, inner)`` channel pairs of nested sigmoid regions: ``inner``'s label values are a proper subset
+        of ``outer``'s (BraTS: WT ⊇ TC ⊇ ET gives (0, 1), (0, 2), (1, 2)); ``()`` for softmax classes."""
+        if self.mode != "sigmoid":
+            return ()
+        sets = [set(self.regions[n]) for n in self.names]
+        return tuple((o, i) for o in range(len(sets)) for i in range(len(sets)) if o != i and sets[i] < sets[o])
+
     def to_channels(self, label: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Dataset labels to one boolean mask per region (sigmoid) or per foreground class (softmax).
 

@@ -167,9 +167,17 @@ class OperatingPointSweep(Metric):
         spacings = [[1.0, 1.0, 1.0]] * probs.shape[0] if spacing is None else torch.as_tensor(spacing).reshape(-1, 3).tolist()
         truth = target.detach().cpu().numpy().astype(bool)
         for b in range(probs.shape[0]):
-            counts = sweep_case(probs[b].detach(), truth[b], self.mode, spacings[b if len(spacings) > 1 else 0], self.thresholds, self.min_component_mm3, self.connectivity, self.size_buckets_mm3, self.empty_score, self.rule)
-            self.counts += torch.from_numpy(counts).to(self.counts.device)
-            self.n_cases += 1
+            self.add(self.case_counts(probs[b].detach(), truth[b], spacings[b if len(spacings) > 1 else 0]))
+
+    def case_counts(self, probs: Tensor, target: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """:func:`sweep_case` of one case with this sweep's grid and options (no state changes: worker threads may
+        count cases while another is added)."""
+        return sweep_case(probs, target, self.mode, spacing, self.thresholds, self.min_component_mm3, self.connectivity, self.size_buckets_mm3, self.empty_score, self.rule)
+
+    def add(self, counts: np.ndarray) -> None:
+        """Add one case's :meth:`case_counts`."""
+        self.counts += torch.from_numpy(counts).to(self.counts.device)
+        self.n_cases += 1
 
     def compute(self) -> dict[str, Tensor]:
         """The scores of :func:`grid_scores`, each ``(R, T, M)``."""
