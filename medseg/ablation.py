@@ -3,7 +3,9 @@
 The ablation is a Hydra multirun (``+experiment=loss_ablation``): one job per loss, seed and (for
 cross-validation) fold, each job folder holding ``.hydra/hydra.yaml`` (the loss chosen), ``.hydra/overrides.yaml``
 (its command-line overrides), ``config.yaml`` (the resolved config: seed, fold, lesion size buckets) and
-``test_cases.csv`` (one row per validation case and region, written by ``medseg.train``).
+``validation/evaluation/evaluation.csv`` (one row per validation case and region: the final evaluation of the label
+files ``medseg.train`` writes, by the evaluation core of ``medseg.evaluate``; job folders of earlier versions hold
+``test_cases.csv`` instead, read as well).
 
 A *variant* is the loss config chosen (``loss=focal_dice_g1``) plus any ``loss.*`` or ``data.augment.*`` override
 (``loss.gamma=3``, ``data.augment.sampling=lesion``).
@@ -17,7 +19,10 @@ For each variant and seed, the validation cases of all its jobs (all folds) are 
   mean over cases of each case's F1;
 * ``fp_per_case``: predicted components touching no reference lesion, mean over cases, at the job's final
   operating point; ``fp_per_case_before``: the same before post-processing (threshold 0.5, no size filter; from
-  ``test_cases_before_postprocessing.csv`` when the job tuned its operating point, else equal).
+  ``validation/evaluation_before_postprocessing/evaluation.csv`` when the job tuned its operating point, else equal).
+
+Lesion counts are those of each job's matching rule (``model.lesion_metrics.matching``; all jobs must share one) and
+are pooled by the one pooling of :func:`medseg.metrics.matching.detection_scores`.
 
 Then the mean and the sample standard deviation (``ddof=1``; NaN with one seed) over seeds. Written to
 ``--out`` (default ``<first folder>/ablation``): ``ablation.csv`` (one row per variant and region),
@@ -47,6 +52,9 @@ from medseg.viz import bucket_labels, read_rows, recall_by_size, save_figure
 
 # Overrides that make a variant (besides the loss config chosen): loss options and patch sampling.
 VARIANT_PREFIXES = ("loss.", "data.augment.")
+# The per-case rows of a job's final evaluation (and those of earlier versions' job folders).
+FINAL_ROWS, FINAL_ROWS_BEFORE = "validation/evaluation/evaluation.csv", "validation/evaluation_before_postprocessing/evaluation.csv"
+LEGACY_ROWS, LEGACY_ROWS_BEFORE = "test_cases.csv", "test_cases_before_postprocessing.csv"
 # Per-seed scores, in table order; recall_<bucket> columns go after lesion_recall.
 SCORES = ("dice", "lesion_recall", "lesion_precision", "lesion_f1", "lesion_f1_case_mean", "fp_per_case", "fp_per_case_before")
 
@@ -61,8 +69,8 @@ class Job:
         seed: the run's global seed.
         fold: the cross-validation fold (``data.fold``), ``None`` for a seeded split.
         buckets: lesion size bucket names; ``edges_mm3`` their edges (``len(buckets) - 1``).
-        rows: the rows of ``test_cases.csv`` (strings, as read).
-        rows_before: the rows of ``test_cases_before_postprocessing.csv`` (``rows`` when the job did not tune).
+        rows: the rows of the final evaluation (strings, as read).
+        rows_before: the rows of the untuned point's evaluation (``None`` when the job did not tune).
         empty_score: the job's ``model.empty_score``.
         matching: the job's lesion matching rule, described (jobs without ``matching`` used any overlap).
     """
@@ -96,7 +104,8 @@ def read_job(folder: Path, before_postprocessing: bool = False) -> Job:
     Raises:
         ValueError: when a file is missing (an unfinished job), naming it.
     """
-    needed = [folder / ".hydra" / "hydra.yaml", folder / ".hydra" / "overrides.yaml", folder / "config.yaml", folder / "test_cases.csv"]
+    rows_file = next((f for f in (folder / FINAL_ROWS, folder / LEGACY_ROWS) if f.is_file()), folder / FINAL_ROWS)
+    needed = [folder / ".hydra" / "hydra.yaml", folder / ".hydra" / "overrides.yaml", folder / "config.yaml", rows_file]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         raise ValueError(f"expected a finished job in {folder}, got no {', '.join(missing)} (failed or still running?)")
@@ -106,7 +115,8 @@ def read_job(folder: Path, before_postprocessing: bool = False) -> Job:
     lesion = config.model.get("lesion_metrics")
     if not lesion:
         raise ValueError(f"expected lesion metrics in {needed[2]} (model.lesion_metrics), got none: lesion recall cannot be aggregated")
-    rows_before = read_rows(before) if (before := folder / "test_cases_before_postprocessing.csv").is_file() else None
+    before = next((f for f in (folder / FINAL_ROWS_BEFORE, folder / LEGACY_ROWS_BEFORE) if f.is_file()), None)
+    rows_before = read_rows(before) if before is not None else None
     rows = read_rows(needed[3]) if not (before_postprocessing and rows_before is not None) else rows_before
     return Job(
         folder=folder,
@@ -297,7 +307,7 @@ def aggregate(folders: Sequence[str | Path], out: str | Path | None = None, per_
     for message in skipped:
         print(f"skipped: {message}", file=sys.stderr)
     if not jobs:
-        raise ValueError(f"expected finished jobs (with test_cases.csv) under {[str(f) for f in folders]}, got none")
+        raise ValueError(f"expected finished jobs (with {FINAL_ROWS}) under {[str(f) for f in folders]}, got none")
     out = Path(out) if out is not None else Path(folders[0]) / "ablation"
     buckets, edges = jobs[0].buckets, jobs[0].edges_mm3
     seed_rows = per_seed(jobs, per_fold)

@@ -486,7 +486,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     options = PredictOptions(
         output=output,
         device=device,
-        flip_axes=test_time_flips(cfg.get("tta"), model, train_cfg),
+        flip_axes=prediction_flips(cfg.get("tta"), model, train_cfg),
         point=point,
         connectivity=model.connectivity,
         save_probabilities=bool(cfg.save_probabilities),
@@ -513,7 +513,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return results
 
 
-def test_time_flips(tta: bool | None, model: SegmentationModule, train_cfg: DictConfig) -> tuple[int, ...]:
+def prediction_flips(tta: bool | None, model: SegmentationModule, train_cfg: DictConfig) -> tuple[int, ...]:
     """The flip axes prediction averages over (``tta``: ``predict.yaml``).
 
     ``None``: those the checkpoint's operating point was tuned with (recorded with the point; else the training

@@ -9,6 +9,7 @@ backend is used unless one was chosen already, so this works on headless machine
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -252,7 +253,7 @@ def lesions_html(rows: Sequence[Row], columns: Sequence[str] = ("id", "volume_mm
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a CSV file (``test_cases.csv``, ``evaluation.csv``) as dicts."""
+    """The rows of a CSV file (``evaluation.csv``) as dicts."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -273,7 +274,8 @@ class Inspection:
         reference, prediction: binary ``(X, Y, Z)`` masks of ``region``.
         spacing: voxel size in mm.
         lesions: one row per reference lesion (:func:`medseg.metrics.lesion.lesion_table`).
-        run_dir: the training run folder of the checkpoint (holds ``test_cases.csv``).
+        run_dir: the training run folder of the checkpoint (holds ``validation/evaluation/evaluation.csv``).
+        connectivity: of the lesions (the run's ``model.lesion_metrics.connectivity``).
     """
 
     case: str
@@ -285,10 +287,13 @@ class Inspection:
     lesions: list[dict[str, Any]]
     run_dir: Path
 
+    connectivity: int = 26
+
     @property
     def missed(self) -> np.ndarray:
-        """Reference lesions the prediction does not touch, ``(X, Y, Z)``."""
-        return missed_lesions(self.prediction, self.reference)
+        """Reference lesions the matching rule counts as missed (``lesions`` rows with ``detected`` false), ``(X, Y, Z)``."""
+        labels = cc3d.connected_components(np.ascontiguousarray(self.reference), connectivity=self.connectivity)  # ids as lesion_table's
+        return np.isin(labels, [row["id"] for row in self.lesions if not row["detected"]])
 
 
 def latest_checkpoint(log_dir: str | Path = "outputs/demo") -> Path:
@@ -351,5 +356,6 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
     images = {str(n): np.asarray(_canonical(f).dataobj, dtype=np.float32) for n, f in zip(names, record["image"])}
     reference, prediction = mask(record["label"]), mask(str(predicted))
     spacing = tuple(float(z) for z in _canonical(record["label"]).header.get_zooms()[:3])
-    lesions = lesion_table(prediction, reference, spacing)
-    return Inspection(case, region, images, reference, prediction, spacing, lesions, run_dir)
+    options = {k: v for k, v in (config["model"].get("lesion_metrics") or {}).items() if k in inspect.signature(lesion_table).parameters}
+    lesions = lesion_table(prediction, reference, spacing, **options)  # the run's matching rule and buckets
+    return Inspection(case, region, images, reference, prediction, spacing, lesions, run_dir, int(options.get("connectivity", 26)))

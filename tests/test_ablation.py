@@ -10,14 +10,15 @@ import matplotlib.image
 import pytest
 from omegaconf import OmegaConf
 
-from medseg.ablation import aggregate, job_folders, main
+from medseg.ablation import FINAL_ROWS, FINAL_ROWS_BEFORE, LEGACY_ROWS, aggregate, job_folders, main
 from medseg.io import write_csv_atomic
 
 BUCKETS = {"bucket_names": ["small", "large"], "size_buckets_mm3": [100.0]}
 
 
-def fabricate_job(folder: Path, loss: str, seed: int, fold: int | None, cases: list[dict], extra: list[str] = (), lesion=BUCKETS) -> None:
-    """A job folder as ``medseg.train`` leaves it in a multirun: Hydra's records, config.yaml, test_cases.csv."""
+def fabricate_job(folder: Path, loss: str, seed: int, fold: int | None, cases: list[dict], extra: list[str] = (), lesion=BUCKETS, rows_file: str = FINAL_ROWS) -> None:
+    """A job folder as ``medseg.train`` leaves it in a multirun: Hydra's records, config.yaml, the final evaluation's
+    rows (``rows_file``: an earlier version's ``test_cases.csv`` also works)."""
     (folder / ".hydra").mkdir(parents=True)
     overrides = [f"loss={loss}", f"seed={seed}", "+experiment=loss_ablation", *extra, *([f"data.fold={fold}"] if fold is not None else [])]
     OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
@@ -33,7 +34,7 @@ def fabricate_job(folder: Path, loss: str, seed: int, fold: int | None, cases: l
             "lesion_recall": 0.0, "n_ref_lesions_small": c["ref_small"], "detected_small": c["det_small"],
             "n_ref_lesions_large": c["ref_large"], "detected_large": c["det_large"],
         })  # fmt: skip
-    write_csv_atomic(rows, folder / "test_cases.csv")
+    write_csv_atomic(rows, folder / rows_file)
 
 
 def case(dice, ref_small, det_small, ref_large, det_large, fp) -> dict:
@@ -82,7 +83,7 @@ def test_means_and_stds_over_seeds(multirun, tmp_path, capsys):
         # predicted components: detected + false positives; precision = detected / predicted, per seed pooled
         "lesion_precision": tuple(_mean_std([(2 * s + 3) / (2 * s + 3 + 2 * s + 2) for s in (1, 2, 3)])),
         "lesion_f1": tuple(_mean_std(F1_PER_SEED)),
-        "fp_per_case_before": (3.0, 1.0),  # no test_cases_before_postprocessing.csv: the same rows
+        "fp_per_case_before": (3.0, 1.0),  # no rows of an untuned point: the same rows
     }  # fmt: skip
     for score, (mean, std) in expected.items():
         assert dice[f"{score}_mean"] == pytest.approx(mean) and dice[f"{score}_std"] == pytest.approx(std, abs=1e-12), score
@@ -185,13 +186,35 @@ def test_per_fold_rows(multirun, tmp_path):
 def test_false_positives_before_post_processing(multirun, tmp_path):
     """Jobs that tuned their operating point also have the untuned rows: FP / case before comes from those."""
     for folder in job_folders(multirun)[:6]:  # the dice jobs
-        rows = list(csv.DictReader((folder / "test_cases.csv").open()))
+        rows = list(csv.DictReader((folder / FINAL_ROWS).open()))
         for row in rows:
             row["false_positives"] = str(int(row["false_positives"]) + 10)
             row["n_pred_lesions"] = str(int(row["n_pred_lesions"]) + 10)
-        write_csv_atomic(rows, folder / "test_cases_before_postprocessing.csv")
+        write_csv_atomic(rows, folder / FINAL_ROWS_BEFORE)
     dice, focal = aggregate([multirun], tmp_path / "out")
     assert (dice["fp_per_case_mean"], dice["fp_per_case_before_mean"]) == (pytest.approx(3.0), pytest.approx(13.0))
     assert focal["fp_per_case_before_mean"] == focal["fp_per_case_mean"] == 10.0
     dice, focal = aggregate([multirun], tmp_path / "untuned", before_postprocessing=True)  # the untuned rows as final
     assert dice["fp_per_case_mean"] == pytest.approx(13.0) and focal["fp_per_case_mean"] == 10.0
+
+
+def test_job_folders_of_earlier_versions_and_mixed_rules(tmp_path):
+    """An earlier version's job folder (test_cases.csv, any-overlap counts) is read and labelled with its rule; jobs
+    counted under different matching rules are not pooled."""
+    fabricate_job(tmp_path / "old" / "0", "dice", 1, None, [case(0.8, 2, 1, 1, 1, 3)], rows_file=LEGACY_ROWS)
+    (summary,) = aggregate([tmp_path / "old"], tmp_path / "out_old")
+    assert summary["lesion_recall_mean"] == pytest.approx(2 / 3)
+    assert "Lesion matching: any overlap." in (tmp_path / "out_old" / "ablation.md").read_text()
+    fabricate_job(tmp_path / "new" / "0", "dice", 2, None, [case(0.8, 2, 1, 1, 1, 3)], lesion={**BUCKETS, "matching": "one_to_one"})
+    with pytest.raises(ValueError, match="same lesion matching rule"):
+        aggregate([tmp_path / "old", tmp_path / "new"], tmp_path / "out_mixed")
+    (summary,) = aggregate([tmp_path / "new"], tmp_path / "out_new")
+    assert "one-to-one, iou >= 0.1" in (tmp_path / "out_new" / "ablation.md").read_text()
+
+
+def test_a_case_scored_zero_stays_in_the_per_case_f1_mean(tmp_path):
+    """A case with lesions and no prediction scores F1 0 per case (precision takes the empty score): it is averaged
+    in, as training scores it, not dropped."""
+    fabricate_job(tmp_path / "runs" / "0", "dice", 1, None, [case(0.8, 2, 2, 0, 0, 0), {**case(0.0, 3, 0, 0, 0, 0)}])
+    (summary,) = aggregate([tmp_path / "runs"], tmp_path / "out")
+    assert summary["lesion_f1_case_mean_mean"] == pytest.approx((1.0 + 0.0) / 2)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from medseg.config import CONFIG_DIR, compose
+from medseg.data.layouts import find_cases
 from medseg.prediction import load_model
 
 pytestmark = pytest.mark.slow
@@ -85,31 +86,30 @@ def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
     split = json.loads((folder / "split.json").read_text())
     assert len(split["val"]) == 3  # odd: a padding sampler would repeat one case on the second process
 
-    # Every validation case exactly once in the per-case table.
-    rows = list(csv.DictReader((folder / "test_cases.csv").open()))
+    # Every validation case exactly once in the per-case table, and one label file each.
+    rows = list(csv.DictReader((folder / "validation" / "evaluation" / "evaluation.csv").open()))
     assert sorted(r["case"] for r in rows if r["region"] == "wt") == sorted(split["val"])
+    assert sorted(p.name for p in (folder / "validation").glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in split["val"])
 
-    # The same checkpoint evaluated by one process on the same cases gives the same numbers.
+    # The same checkpoint evaluated by one process on the same cases gives the same numbers and the same point.
+    from omegaconf import OmegaConf
+
+    from medseg.final_evaluation import evaluate_cases
+
     summary = json.loads((folder / "metrics.json").read_text())
     model, _ = load_model(summary["checkpoint"])
-    single = compose("train", ["+experiment=demo", f"data.root={brats_tree}", "data.synthetic=null", "data.num_workers=0", f"data.split_path={folder / 'split.json'}", f"paths.output_dir={tmp_path / 'single'}", f"paths.cache_dir={cache_dir}"])
-    from hydra.utils import instantiate
-
-    assert instantiate(single.data).case_cache.folder == cache  # the single process reads the same entries
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path / "single")
-    model.start_sweep()  # the operating-point sweep too: the same counts, so the same choice
-    metrics = trainer.test(model, datamodule=instantiate(single.data), verbose=False)[0]
-    for key in ("test/dice", "test/dice_wt", "test/dice_et", "test/iou_tc", "test/recall_et", "test/lesion_recall_wt", "test/lesion_dice_et"):
-        assert metrics[key] == pytest.approx(summary["metrics"][key], abs=1e-6), key
-    point, table = model.sweep_result
+    cfg = OmegaConf.load(folder / "config.yaml")
+    by_id = {c["case"]: c for c in find_cases("brats", brats_tree, list(cfg.data.modalities))}
+    single = evaluate_cases(model, cfg, [by_id[c] for c in split["val"]], tmp_path / "single")
+    for key, value in single.summary["metrics"].items():
+        assert value == pytest.approx(summary["metrics"][key], abs=1e-9, nan_ok=True), key
     chosen = json.loads((folder / "operating_point.json").read_text())
-    for name, region in point.to_dict()["regions"].items():
+    for name, region in single.point.to_dict()["regions"].items():
         assert (chosen["regions"][name]["threshold"], chosen["regions"][name]["min_component_mm3"]) == (region["threshold"], region["min_component_mm3"])
         assert chosen["regions"][name]["score"] == pytest.approx(region["score"], abs=1e-9)
     swept = list(csv.DictReader((folder / "operating_point_sweep.csv").open()))
-    assert len(swept) == len(table)
-    for written, row in zip(swept, table):
+    assert len(swept) == len(single.sweep_table)
+    for written, row in zip(swept, single.sweep_table):
         assert float(written["dice"]) == pytest.approx(row["dice"], abs=1e-6)
         assert float(written["lesion_f1"]) == pytest.approx(row["lesion_f1"], abs=1e-6)
 

@@ -99,3 +99,33 @@ def test_cli(brats_tree, tmp_path):
     assert (tmp_path / "eval" / "evaluation.csv").is_file() and not (Path.cwd() / "outputs" / "evaluate").exists()
     bad = subprocess.run([sys.executable, "-m", "medseg.evaluate", f"pred={tmp_path / 'nothing'}", f"ref={brats_tree}", f"output={tmp_path / 'eval2'}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "does not exist" in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_reference_case_without_prediction_is_an_error_unless_scored_empty(brats_tree, tmp_path):
+    pred = write_predictions(brats_tree, tmp_path / "pred")
+    (pred / "SYN-0004.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"1 case\(s\) have a reference but no prediction .*SYN-0004.*missing=zero"):
+        run(pred, brats_tree)
+    rows, out = run(pred, brats_tree, "missing=zero")
+    missing = [r for r in rows if r.get("missing")]
+    assert len(rows) == 6 * 3 and {r["case"] for r in missing} == {"SYN-0004"}
+    assert all(r["dice"] == 0.0 and r["lesion_recall"] == 0.0 and r["detected"] == 0 for r in missing)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing_cases"] == ["SYN-0004"] and summary["cases"] == 6
+    assert summary["metrics"]["dice_wt"] == pytest.approx(5 / 6)  # five perfect cases and one empty prediction
+
+
+def test_only_the_files_predict_wrote_are_scored(brats_tree, tmp_path):
+    """With medseg.predict's predictions.json: its cases, a failed one counting as missing; stale files left out."""
+    pred = write_predictions(brats_tree, tmp_path / "pred")
+    listed = [{"case": c, "prediction": str(pred / f"{c}.nii.gz")} for c in ("SYN-0000", "SYN-0001")] + [{"case": "SYN-0002", "error": "unreadable"}]
+    (pred / "predictions.json").write_text(json.dumps({"cases": listed, "failed": 1}))
+    (pred / "SYN-0002.nii.gz").unlink()  # predict failed on it: no file ...
+    with pytest.raises(DatasetError, match=r"SYN-0002"):
+        run(pred, brats_tree)
+    rows, out = run(pred, brats_tree, "missing=zero")
+    assert sorted({r["case"] for r in rows}) == ["SYN-0000", "SYN-0001", "SYN-0002"]  # ... and SYN-0003..5 are stale
+    listed[0]["prediction"] = str(pred / "gone.nii.gz")
+    (pred / "predictions.json").write_text(json.dumps({"cases": listed[:2]}))
+    with pytest.raises(DatasetError, match=r"gone.nii.gz for case SYN-0000, but the file is gone"):
+        run(pred, brats_tree)

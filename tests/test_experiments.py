@@ -184,7 +184,7 @@ def test_ct_abdomen_trains_and_predicts_in_the_input_geometry(tmp_path):
     run = tmp_path / "run"
     cfg = preset(run, "+experiment=ct_abdomen", f"data.root={root}", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", "data.num_workers=0", "~callbacks.model_summary")
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/dice_liver"] <= 1.0 and 0.0 <= metrics["test/dice_spleen"] <= 1.0
+    assert 0.0 <= metrics["final_val/dice_liver"] <= 1.0 and 0.0 <= metrics["final_val/dice_spleen"] <= 1.0
     assert json.loads((run / "split.json").read_text())["val"] == ["abdomen"]
 
     out = tmp_path / "pred"

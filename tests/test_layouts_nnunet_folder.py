@@ -250,8 +250,8 @@ def test_check_train_predict_evaluate_end_to_end(brats_tree, tmp_path, layout):
     run = tmp_path / "run"
     cfg = tiny_run(root, run, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=3", "logger=csv", *overrides)
     metrics = train(cfg)
-    assert all(0.0 <= metrics[f"test/dice_{n}"] <= 1.0 for n in names)
-    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "test_cases.csv").is_file()
+    assert all(0.0 <= metrics[f"final_val/dice_{n}"] <= 1.0 for n in names)
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "validation" / "evaluation" / "evaluation.csv").is_file()
 
     out = tmp_path / "pred"
     results = predict(compose("predict", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"input={predict_input}", f"output={out}"]))
@@ -294,7 +294,7 @@ def test_hippocampus_as_nnunet_checks_trains_predicts_and_evaluates(tmp_path):
     cfg = compose("train", ["+experiment=hippocampus", "data=nnunet", f"data.root={root}", f"paths.output_dir={run}", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
                             "data.num_workers=0", "data.preprocess_workers=0", "logger=csv", "~callbacks.model_summary", f"data.check.cache_dir={run / '.checks'}"])
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/dice_anterior"] <= 1.0 and 0.0 <= metrics["test/dice_posterior"] <= 1.0
+    assert 0.0 <= metrics["final_val/dice_anterior"] <= 1.0 and 0.0 <= metrics["final_val/dice_posterior"] <= 1.0
     out = tmp_path / "pred"
     results = predict(compose("predict", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"input={root}", f"output={out}"]))
     assert sorted(r["case"] for r in results) == sorted(c["case"] for c in cases[8:10]) and not any("error" in r for r in results)
@@ -306,8 +306,12 @@ def test_hippocampus_as_nnunet_checks_trains_predicts_and_evaluates(tmp_path):
     reference.mkdir()
     for case in cases[:3]:
         shutil.copy(case["label"], reference / f"{case['case']}.nii.gz")
-    rows = evaluate(compose("evaluate", [f"pred={reference}", f"ref={root}", "data=nnunet", f"output={tmp_path / 'eval'}"]))
-    assert len(rows) == 3 * 2 and all(r["dice"] == 1.0 for r in rows)
+    with pytest.raises(DatasetError, match="5 case\\(s\\) have a reference but no prediction"):
+        evaluate(compose("evaluate", [f"pred={reference}", f"ref={root}", "data=nnunet", f"output={tmp_path / 'eval'}"]))
+    rows = evaluate(compose("evaluate", [f"pred={reference}", f"ref={root}", "data=nnunet", f"output={tmp_path / 'eval'}", "missing=zero"]))
+    scored = [r for r in rows if not r.get("missing")]
+    assert len(rows) == 8 * 2 and len(scored) == 3 * 2 and all(r["dice"] == 1.0 for r in scored)
+    assert all(r["dice"] == 0.0 for r in rows if r.get("missing"))  # empty predictions of cases with both classes
 
 
 def test_nnunet_channel_names_are_read_in_number_order(tmp_path):

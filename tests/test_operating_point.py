@@ -177,8 +177,10 @@ def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_
     from medseg.train import train
 
     run = tmp_path / "run"
+    # One region (whole tumour): regions filtered independently, as the sweep counts them, so the sweep's values at a
+    # point are those of the label files written at it (nested regions are kept nested in the files).
     cfg = tiny_run(
-        brats_tree, run, "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=4", "model.operating_point.criterion=lesion_f1",
+        brats_tree, run, "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=4", "model.operating_point.criterion=lesion_f1", "data.labels.names=[wt]",
         "model.operating_point.thresholds=[0.2,0.5,0.8]", "model.operating_point.min_component_mm3=[0,100,1000]",
     )
     metrics = train(cfg)
@@ -186,30 +188,27 @@ def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["operating_point"]["regions"] == chosen["regions"] and chosen["criterion"] == "lesion_f1"
     sweep = list(csv.DictReader((run / "operating_point_sweep.csv").open()))
-    assert len(sweep) == 3 * 3 * 3  # regions x thresholds x sizes
+    assert len(sweep) == 1 * 3 * 3  # regions x thresholds x sizes
     before = summary["before_postprocessing"]
     for region, values in chosen["regions"].items():
         best = max(float(r["lesion_f1"]) for r in sweep if r["region"] == region)
         assert values["score"] == pytest.approx(best)
-        default = next(float(r["lesion_f1"]) for r in sweep if r["region"] == region and float(r["threshold"]) == 0.5 and float(r["min_component_mm3"]) == 0)
-        assert before[f"test/lesion_f1_{region}"] == pytest.approx(default)  # pass 1 = the untuned point
-        assert metrics[f"test/lesion_f1_{region}"] == pytest.approx(best)  # pass 2 = the chosen point
-    assert (run / "test_cases_before_postprocessing.csv").is_file() and (run / "operating_point_sweep.png").stat().st_size > 0
+        default = next(r for r in sweep if r["region"] == region and float(r["threshold"]) == 0.5 and float(r["min_component_mm3"]) == 0)
+        assert before[f"lesion_f1_{region}"] == pytest.approx(float(default["lesion_f1"]))  # the untuned point's files
+        assert before[f"fp_per_case_{region}"] == pytest.approx(float(default["fp_per_case"]))
+        assert metrics[f"final_val/lesion_f1_{region}"] == pytest.approx(best)  # the chosen point's files
+    assert (run / "validation" / "evaluation_before_postprocessing" / "evaluation.csv").is_file() and (run / "operating_point_sweep.png").stat().st_size > 0
     checkpoint = AtomicCheckpointIO().load_checkpoint(summary["checkpoint"])
     assert checkpoint[CHECKPOINT_KEY]["regions"] == chosen["regions"]
     model, _ = load_model(summary["checkpoint"])
     assert model.postprocessing == OperatingPoint.from_dict(chosen)
     assert model.connectivity == 26
-    # Training on from the tuned weights (resume, fine-tune) or tuning anew keeps the configured point.
+    # Training on from the tuned weights (resume, fine-tune) keeps the configured point.
     untuned = OperatingPoint.uniform(model.label_spec.names, model.hparams.threshold)
     model.postprocessing, model._trainer = untuned, SimpleNamespace(state=SimpleNamespace(fn="fit"))
     model.on_load_checkpoint(checkpoint)
     assert model.postprocessing == untuned
     model._trainer = None
-    model.start_sweep()
-    model.on_load_checkpoint(checkpoint)
-    assert model.postprocessing == untuned
-    model.sweep = None
     model.on_load_checkpoint(checkpoint)
     assert model.postprocessing == OperatingPoint.from_dict(chosen)
 

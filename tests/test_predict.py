@@ -292,7 +292,7 @@ def test_round_trip_non_ras_anisotropic_case(checkpoint, tmp_path):
         assert probs.min() >= 0.0 and probs.max() <= 1.0
         np.testing.assert_array_equal(prob_affine, reference_affine)
         summary = json.loads((out / "predictions.json").read_text())
-        assert summary["failed"] == 0 and summary["cases"][0]["prediction"] == str(out / "SYN-LPS.nii.gz") and summary["options"]["tta"] is tta
+        assert summary["failed"] == 0 and summary["cases"][0]["prediction"] == str(out / "SYN-LPS.nii.gz") and summary["options"]["tta_flip_axes"] == ([0, 1, 2] if tta else [])  # tta=true: the training flips (none were tuned)
         assert sorted(p.name for p in out.iterdir()) == ["SYN-LPS.nii.gz", "predictions.json", "probabilities"]  # no temporary files left
         runs[tta] = probs
     assert not np.allclose(runs[False], runs[True], atol=1e-4)  # the flips changed the average
@@ -586,3 +586,20 @@ def test_predict_never_writes_over_the_reference_labels_of_an_msd_task(checkpoin
     with pytest.raises(ConfigError, match="reference labels"):
         predict(predict_config(checkpoint, task, task / "labelsTr"))
     assert file_hashes(task) == before
+
+
+def test_predict_uses_the_flips_the_point_was_tuned_with_unless_told_otherwise():
+    from omegaconf import OmegaConf
+
+    from medseg.prediction import prediction_flips
+
+    model = SimpleNamespace(postprocessing=SimpleNamespace(tta_flip_axes=None))
+    config = OmegaConf.create({"model": {"tta_flip_axes": [0]}, "data": {"augment": {"flip_axes": [0, 1, 2]}}})
+    assert prediction_flips(None, model, config) == (0,)  # the training config's, which the point was tuned with
+    assert prediction_flips(False, model, config) == ()
+    assert prediction_flips(True, model, config) == (0,)
+    model.postprocessing.tta_flip_axes = (1, 2)  # recorded with the tuned point: it wins
+    assert prediction_flips(None, model, config) == (1, 2)
+    model.postprocessing.tta_flip_axes = ()
+    config.model.tta_flip_axes = []
+    assert prediction_flips(None, model, config) == () and prediction_flips(True, model, config) == (0, 1, 2)
