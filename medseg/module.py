@@ -70,6 +70,8 @@ class SegmentationModule(L.LightningModule):
         compile: ``False`` or a ``torch.compile`` mode (``"default"``, ``"max-autotune"``, ...): run the network
             compiled (training steps and sliding windows); the weights, state dict and checkpoints are unchanged.
         compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no C++ compiler).
+        connectivity: of the predicted components post-processing removes by size (6, 18, 26; the config's
+            ``connectivity``); ``None``: ``lesion_metrics``' (26 without).
 
     Logged keys: ``train/loss``; ``val/dice``, ``val/<score>_<region>`` for Dice, IoU, recall, precision;
     ``val/lesion_recall_<region>``, ``val/lesion_recall_<bucket>_<region>``, ``val/lesion_precision_<region>``,
@@ -99,6 +101,7 @@ class SegmentationModule(L.LightningModule):
         tta_flip_axes: Sequence[int] = (),
         compile: bool | str = False,
         compile_backend: str = "inductor",
+        connectivity: int | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_ACTIONS:
@@ -136,7 +139,10 @@ class SegmentationModule(L.LightningModule):
         self.lesion_metrics = nn.ModuleDict({"val": nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names})}) if lesion_metrics else None
         # What turns probabilities into masks for scoring and prediction; replaced by the tuned point.
         self.postprocessing = OperatingPoint.uniform(names, threshold, min_component_mm3)
-        self.connectivity = int((lesion_metrics or {}).get("connectivity", 26))
+        # Checkpoints of earlier versions have no model.connectivity: their lesion metrics' then, as before.
+        self.connectivity = int(connectivity if connectivity is not None else (lesion_metrics or {}).get("connectivity", 26))
+        if self.connectivity not in (6, 18, 26):
+            raise ValueError(f"expected connectivity 6, 18 or 26, got {self.connectivity}")
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
         self._last_batch: tuple[Tensor, list[str]] | None = None  # (loss, cases) of this process's current step
         self._skipped_in_a_row = 0

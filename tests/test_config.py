@@ -102,3 +102,13 @@ def test_any_trainer_argument_is_set_without_plus(tmp_path):
     trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
     assert (trainer.limit_train_batches, trainer.limit_val_batches, trainer.max_steps, trainer.max_epochs) == (2, 0.5, 3, cfg.trainer.max_epochs)
     assert len(trainer.loggers) == 2 and sum(type(c).__name__ == "ModelCheckpoint" for c in trainer.callbacks) == 2
+
+
+def test_one_connectivity_setting_reaches_every_lesion_notion(tmp_path):
+    """Lesion metrics, post-processing, blob loss and the sampling index read the one top-level connectivity."""
+    cfg = compose("train", ["+experiment=small_lesions", "data.root=unused", "connectivity=6", f"paths.output_dir={tmp_path}"])
+    assert cfg.model.connectivity == cfg.model.lesion_metrics.connectivity == cfg.loss.connectivity == cfg.data.sampling.connectivity == 6
+    from medseg.build import build_model
+
+    assert build_model(cfg).connectivity == 6
+    assert compose("evaluate", ["pred=p", "ref=r"]).model.lesion_metrics.connectivity == 26

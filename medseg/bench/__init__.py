@@ -18,6 +18,8 @@ absolute times are context only), printed as a table and written as JSON (layout
 - ``blob`` (:mod:`~medseg.bench.blob`): ``BlobLoss`` vs ``FocalDiceLoss`` at 10, 100 and 1000 lesions per
   patch batch; time and peak memory. Goal <= 3x at every count (the cost must not grow with the count).
 - ``lesion`` (:mod:`~medseg.bench.lesion`): lesion metrics per case vs the 1 s budget.
+- ``sweep`` (:mod:`~medseg.bench.sweep`): the operating-point sweep of an MS-sized case under the one-to-one and
+  MSSEG matching rules vs the any-overlap rule. Goal <= 1.5.
 - ``scaling`` (:mod:`~medseg.bench.scaling`): step time and memory vs patch size, inference time vs volume
   size, exponent of ``cost ~ voxels^k``.
 - ``step_variants`` (:mod:`~medseg.bench.step_variants`): images/s of a training step of the BraTS U-Net and a
@@ -38,6 +40,7 @@ BENCHMARKS = {
     "loss": "medseg.bench.loss",
     "blob": "medseg.bench.blob",
     "lesion": "medseg.bench.lesion",
+    "sweep": "medseg.bench.sweep",
     "scaling": "medseg.bench.scaling",
     "step_variants": "medseg.bench.step_variants",
 }
