@@ -14,11 +14,13 @@ For each variant and seed, the validation cases of all its jobs (all folds) are 
 * ``dice``: voxel Dice, mean over cases;
 * ``lesion_recall`` and ``recall_<bucket>``: detected / reference lesions, pooled over cases (a case with
   many lesions weighs more; buckets of the same case are not averaged first, so sparse buckets stay exact);
-* ``lesion_precision``: predicted components touching a reference lesion / predicted components, pooled;
+* ``lesion_precision``: true-positive predicted components (under the job's matching rule) / predicted
+  components, pooled;
 * ``lesion_f1``: detection F1 ``2PR / (P + R)`` of the pooled precision and recall; ``lesion_f1_case_mean``: the
   mean over cases of each case's F1;
-* ``fp_per_case``: predicted components touching no reference lesion, mean over cases, at the job's final
-  operating point; ``fp_per_case_before``: the same before post-processing (threshold 0.5, no size filter; from
+* ``fp_per_case``: predicted components that are not true positives, mean over cases, at the job's final
+  operating point; ``fp_per_case_before``: the same at the untuned point (``model.threshold`` and
+  ``model.min_component_mm3``, by default 0.5 and no size filter; from
   ``validation/evaluation_before_postprocessing/evaluation.csv`` when the job tuned its operating point, else equal).
 
 Lesion counts are those of each job's matching rule (``model.lesion_metrics.matching``; all jobs must share one) and

@@ -70,6 +70,50 @@ def rank_zero_value(value: Any) -> Any:
     return value if process_rank() == 0 else None
 
 
+def group_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Every process's ``items``, concatenated in rank order (``items`` themselves without a process group)."""
+    rank, world = group_rank_and_size()
+    if world == 1:
+        return items
+    gathered: list[list[Any] | None] = [None] * world
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in (part or [])]
+
+
+def raise_if_any_failed(errors: list[str], what: str) -> None:
+    """Raise on every process when any process met errors, so that none is left waiting in a collective for one
+    that stopped (a collective: call it from every process)."""
+    errors = gather_objects(errors)
+    if errors:
+        raise RuntimeError(f"{what} failed: {'; '.join(errors[:3])}{' ...' if len(errors) > 3 else ''}")
+
+
+def on_rank_zero(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in the process of rank 0, its result broadcast to every process; if it raises, every
+    process raises (a collective: call it from every process)."""
+    rank, world = group_rank_and_size()
+    result: list[Any] = [None, None]  # (value, error message)
+    if rank == 0:
+        try:
+            result[0] = fn(*args, **kwargs)
+        except Exception as err:  # passed to the other processes, then raised here as well
+            if world == 1:
+                raise
+            result[1] = f"{type(err).__name__}: {err}"
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__name__', fn)}: {result[1]}")
+    return result[0]
+
+
 def rank_suffix() -> str:
     """``""`` for global rank 0, ``"_rank<r>"`` for the others (``${medseg.rank_suffix:}``: their log files)."""
     rank = process_rank()

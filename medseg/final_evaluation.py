@@ -6,8 +6,9 @@ mapped back onto each case's own voxel grid) and scored by the evaluation core (
 their original label files, so that ``medseg.evaluate`` on ``medseg.predict``'s files of the same cases gives the
 same numbers, as nnU-Net validates its folds. In three stages:
 
-1. every case's probabilities on its input grid are kept (``<out>/.probabilities/``, removed at the end) and
-   counted at every point of the operating-point grid (:mod:`medseg.metrics.operating_point`);
+1. every case's probabilities on its input grid are counted at every point of the operating-point grid
+   (:mod:`medseg.metrics.operating_point`) and kept (float32, ``<out>/.probabilities/``, removed at the end; where
+   the disk has no room for them, the cases are predicted a second time in stage 3 instead);
 2. the point maximising ``model.operating_point.criterion`` is chosen once for all cases (or the configured
    ``model.threshold`` / ``model.min_component_mm3`` is kept), with the flips it was tuned on recorded;
 3. each case's labels at that point are written as ``medseg.predict`` writes them (``<out>/<case>.nii.gz``,
@@ -29,7 +30,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -37,7 +37,7 @@ from medseg.build import preprocessing_from_config
 from medseg.data.layouts import CaseRecord
 from medseg.evaluation import evaluate_case, label_channels, score_labels, spacing_mm, write_report
 from medseg.io import write_json_atomic
-from medseg.metrics.cases import gather_rows
+from medseg.distributed import gather_objects, group_rank_and_size, on_rank_zero, raise_if_any_failed
 from medseg.metrics.matching import MatchingRule
 from medseg.metrics.operating_point import OperatingPointSweep
 from medseg.module import SegmentationModule
@@ -65,13 +65,7 @@ class FinalEvaluation:
     sweep_table: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseRecord], out: str | Path, device: torch.device | str = "cpu", prefetch: int = 1) -> FinalEvaluation:
+def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseRecord], out: str | Path, device: torch.device | str = "cpu", prefetch: int = 1, checkpoint: str | None = None) -> FinalEvaluation:
     """Predict ``cases`` with ``model``, tune the operating point on them, write their label files and score them.
 
     Args:
@@ -81,6 +75,7 @@ def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseR
         cases: labelled case records (``{"case", "image": [files], "label": file}``).
         out: the folder of the label files and reports (the run's ``validation/``).
         device: where the network runs.
+        checkpoint: the weights' file, recorded in ``predictions.json``.
 
     Returns:
         The point, the summaries and the sweep table (see :class:`FinalEvaluation`).
@@ -89,7 +84,7 @@ def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseR
         RuntimeError: a case could not be predicted (naming it): a final evaluation without it would not be one.
     """
     out = Path(out)
-    rank, world = _world()
+    rank, world = group_rank_and_size()
     spec = model.label_spec
     names = spec.names
     model_cfg = cfg.model
@@ -98,69 +93,109 @@ def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseR
     flips = tuple(int(a) for a in model_cfg.get("tta_flip_axes") or ())
     untuned = replace(OperatingPoint.uniform(names, float(model_cfg.threshold), float(model_cfg.get("min_component_mm3") or 0.0)), tta_flip_axes=flips)
     tuning = (model_cfg.get("operating_point") or {}).get("criterion")
-    sweep = _sweep(model, cfg, lesion_options, empty_score) if tuning else None
     transform = preprocessing_from_config(cfg.data, with_label=False)
     options = PredictOptions(output=out, device=torch.device(device), flip_axes=flips, point=untuned, connectivity=model.connectivity,
                              in_channels=cfg.data.get("in_channels"), inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]))
+    # On the network's device: the counts are synced across processes there (NCCL syncs CUDA tensors only).
+    sweep = _sweep(model, cfg, lesion_options, empty_score).to(options.device) if tuning else None
     mine = cases[rank::world]
     probability_dir = out / PROBABILITY_DIR
-    probability_dir.mkdir(parents=True, exist_ok=True)
+    # Keep every case's probabilities on disk until the point is chosen, where there is room for them (float32,
+    # the values prediction thresholds); else predict the cases a second time after choosing.
+    store = sweep is not None and _room_for_probabilities(mine, spec.num_outputs, out)
 
-    def keep(case: PreparedCase, probs: torch.Tensor) -> dict[str, Any]:  # stage 1, in the writer thread
-        path = probability_dir / f"{case.target.name}.npy"
-        np.save(path, probs.numpy())
-        counts = None
-        if sweep is not None:
-            reference = label_channels(nib.load(case.record["label"]), spec, str(case.record["label"])).numpy()
-            counts = sweep.case_counts(probs, reference, spacing_mm(nib.load(case.record["image"][0])))
-        return {"case": case.record["case"], "prepared": PreparedCase(case.record, case.target, {}, case.seconds), "probabilities": path, "counts": counts}
-
-    model.eval()
-    kept = []
-    progress = tqdm(predict_cases(mine, model, transform, spec, options, prefetch, finish=keep), total=len(mine), desc="final evaluation: predict", unit="case", disable=rank != 0)
-    for result in progress:
-        if "error" in result:
-            raise RuntimeError(f"the final evaluation could not predict validation case {result['case']}: {result['error']}")
-        if sweep is not None:
-            sweep.add(result.pop("counts"))
-        kept.append(result)
-
-    point, table = untuned, []
-    if sweep is not None:
-        with sweep.sync_context():  # every process's counts (DDP): all choose the same point
-            point = replace(sweep.choose(str(tuning), default_threshold=float(model_cfg.threshold)), tta_flip_axes=flips)
-            table = sweep.table()
-
-    records, rows, rows_before = [], [], []
-    for result in tqdm(kept, desc="final evaluation: write and score", unit="case", disable=rank != 0):
-        case, record = result["prepared"], result["prepared"].record
-        probs = torch.from_numpy(np.load(result["probabilities"]))  # (C_out, X, Y, Z) on the case's input grid
-        records.append(write_labels(case, probs, spec, replace(options, point=point)))
-        rows += evaluate_case(str(record["case"]), case.target, record["label"], spec, lesion_options, empty_score)
+    def write_and_score(case: PreparedCase, probs: torch.Tensor, point: OperatingPoint) -> dict[str, Any]:
+        """Stage 3 of one case: its label file at ``point``, scored from the file; the untuned point scored too."""
+        record = case.record
+        written = write_labels(case, probs, spec, replace(options, point=point))
+        rows = evaluate_case(str(record["case"]), case.target, record["label"], spec, lesion_options, empty_score)
+        rows_before = []
         if sweep is not None:  # the untuned point, post-processed and scored the same way (its labels are not kept)
             spacing = spacing_mm(nib.load(record["image"][0]))
             labels = segment(probs, spec, untuned, float(np.prod(spacing)), model.connectivity)  # (X, Y, Z)
             reference = label_channels(nib.load(record["label"]), spec, str(record["label"]))
-            rows_before += score_labels(str(record["case"]), spec.to_channels(torch.from_numpy(labels)[None]), reference, spacing, spec, lesion_options, empty_score)
-        result["probabilities"].unlink()
-    records, rows, rows_before = gather_rows(records), gather_rows(rows), gather_rows(rows_before)
-    order = {str(c["case"]): i for i, c in enumerate(cases)}
-    records.sort(key=lambda r: order[str(r["case"])])
-    rows.sort(key=lambda r: order[str(r["case"])])
-    rows_before.sort(key=lambda r: order[str(r["case"])])
+            rows_before = score_labels(str(record["case"]), spec.to_channels(torch.from_numpy(labels)[None]), reference, spacing, spec, lesion_options, empty_score)
+        return {"case": record["case"], "record": written, "rows": rows, "rows_before": rows_before}
 
-    summary = untuned_summary = None
-    if rank == 0:
+    def count(case: PreparedCase, probs: torch.Tensor) -> dict[str, Any]:  # stage 1 with a sweep, in the writer thread
+        path = None
+        if store:
+            path = probability_dir / f"{case.target.name}.npy"
+            np.save(path, probs.numpy())
+        reference = label_channels(nib.load(case.record["label"]), spec, str(case.record["label"])).numpy()
+        counts = sweep.case_counts(probs, reference, spacing_mm(nib.load(case.record["image"][0])))
+        return {"case": case.record["case"], "prepared": PreparedCase(case.record, case.target, {}, case.seconds), "probabilities": path, "counts": counts}
+
+    model.to(options.device).eval()  # (Lightning may have moved the module back to the CPU after fit)
+    if store:
+        probability_dir.mkdir(parents=True, exist_ok=True)
+    first = count if sweep is not None else (lambda case, probs: write_and_score(case, probs, untuned))
+    results = _run(mine, model, transform, spec, options, prefetch, first, "predict" if sweep is not None else "predict, write and score", rank)
+    point, table = untuned, []
+    if sweep is not None:
+        for result in results:
+            sweep.add(result.pop("counts"))
+        with sweep.sync_context():  # every process's counts (DDP): all choose the same point
+            point = replace(sweep.choose(str(tuning), default_threshold=float(model_cfg.threshold)), tta_flip_axes=flips)
+            table = sweep.table()
+        if store:
+            finished, errors = [], []
+            for result in tqdm(results, desc="final evaluation: write and score", unit="case", disable=rank != 0):
+                try:
+                    finished.append(write_and_score(result["prepared"], torch.from_numpy(np.load(result["probabilities"])), point))
+                except Exception as err:  # reported by every process below, not left for the others to wait on
+                    errors.append(f"{result['case']}: {type(err).__name__}: {err}")
+                finally:
+                    result["probabilities"].unlink(missing_ok=True)
+            raise_if_any_failed(errors, "the final evaluation of the validation cases")
+            results = finished
+        else:
+            results = _run(mine, model, transform, spec, options, prefetch, lambda case, probs: write_and_score(case, probs, point), "predict again, write and score", rank)
+    records = gather_objects([r["record"] for r in results])
+    rows = gather_objects([row for r in results for row in r["rows"]])
+    rows_before = gather_objects([row for r in results for row in r["rows_before"]])
+    order = {str(c["case"]): i for i, c in enumerate(cases)}
+    for items in (records, rows, rows_before):
+        items.sort(key=lambda r: order[str(r["case"])])
+
+    def reports() -> tuple[dict[str, Any], dict[str, Any] | None]:
         shutil.rmtree(probability_dir, ignore_errors=True)
-        write_json_atomic(out / SUMMARY_NAME, {"checkpoint": None, "input": "validation cases", "options": {"tta_flip_axes": list(flips), "operating_point": point.to_dict()}, "failed": 0, "cases": records})
+        write_json_atomic(out / SUMMARY_NAME, {"checkpoint": checkpoint, "input": "validation cases", "options": {"tta_flip_axes": list(flips), "operating_point": point.to_dict()}, "failed": 0, "cases": records})
         summary = write_report(rows, out / "evaluation", spec, lesion_options, empty_score)
-        if sweep is not None:
-            untuned_summary = write_report(rows_before, out / "evaluation_before_postprocessing", spec, lesion_options, empty_score)
-    if world > 1:
-        shared = [(summary, untuned_summary)]
-        dist.broadcast_object_list(shared, src=0)
-        summary, untuned_summary = shared[0]
+        untuned_summary = write_report(rows_before, out / "evaluation_before_postprocessing", spec, lesion_options, empty_score) if sweep is not None else None
+        return summary, untuned_summary
+
+    summary, untuned_summary = on_rank_zero(reports)
+    if sweep is not None:
+        # The criterion of the label files as written (regions were swept independently; nested ones are kept nested).
+        point = replace(point, score=tuple(float(summary["metrics"].get(f"{tuning}_{n}", float("nan"))) for n in names))
     return FinalEvaluation(point, summary, untuned_summary, table)
+
+
+def _run(cases: list[CaseRecord], model: SegmentationModule, transform: Any, spec: Any, options: PredictOptions, prefetch: int, finish: Any, stage: str, rank: int) -> list[dict[str, Any]]:
+    """:func:`medseg.prediction.predict_cases` over ``cases`` with ``finish`` as the writer's work; a failed case fails
+    the final evaluation on every process (a collective)."""
+    results, errors = [], []
+    for result in tqdm(predict_cases(cases, model, transform, spec, options, prefetch, finish=finish), total=len(cases), desc=f"final evaluation: {stage}", unit="case", disable=rank != 0):
+        if "error" in result:
+            errors.append(f"{result['case']}: {result['error']}")
+        else:
+            results.append(result)
+    raise_if_any_failed(errors, f"the final evaluation ({stage}) of the validation cases")
+    return results
+
+
+def _room_for_probabilities(cases: list[CaseRecord], channels: int, out: Path, margin_bytes: float = 2**30) -> bool:
+    """Whether ``out``'s file system holds float32 probabilities of every case at once (from the images' headers),
+    with ``margin_bytes`` to spare."""
+    needed = sum(4 * channels * int(np.prod(nib.load(c["image"][0]).shape[:3])) for c in cases)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if needed + margin_bytes > free:
+        log.warning("The validation cases' probabilities need %.1f GiB, %.1f GiB are free under %s: the cases are predicted a second time instead",
+                    needed / 2**30, free / 2**30, out)
+        return False
+    return True
 
 
 def _sweep(model: SegmentationModule, cfg: DictConfig, lesion_options: dict[str, Any] | None, empty_score: float) -> OperatingPointSweep:

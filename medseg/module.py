@@ -143,6 +143,9 @@ class SegmentationModule(L.LightningModule):
         self.connectivity = int(connectivity if connectivity is not None else (lesion_metrics or {}).get("connectivity", 26))
         if self.connectivity not in (6, 18, 26):
             raise ValueError(f"expected connectivity 6, 18 or 26, got {self.connectivity}")
+        if lesion_metrics and int(lesion_metrics.get("connectivity", self.connectivity)) != self.connectivity:
+            raise ValueError(f"expected model.lesion_metrics.connectivity equal to model.connectivity ({self.connectivity}): the sweep and post-processing "
+                             f"would count other components than the metrics; set the one top-level key, connectivity=, got {lesion_metrics.get('connectivity')}")
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, saved in checkpoints
         self._last_batch: tuple[Tensor, list[str]] | None = None  # (loss, cases) of this process's current step
         self._skipped_in_a_row = 0

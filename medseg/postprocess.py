@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Key of the tuned operating point inside a checkpoint file.
+# Key of the tuned operating point inside a checkpoint file, and the key naming the checkpoint it was tuned on.
 CHECKPOINT_KEY = "medseg_operating_point"
+TUNED_ON = "tuned_on"
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from medseg.data.transforms import IMAGE
 from medseg.evaluation import spacing_mm
 from medseg.io import write_json_atomic, write_nifti_atomic
 from medseg.module import SegmentationModule
-from medseg.postprocess import OperatingPoint, postprocess
+from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON, OperatingPoint, postprocess
 
 log = logging.getLogger("medseg")
 PRED = "pred"
@@ -111,6 +111,10 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {str(path)!r}: the weights do not fit the network of its saved config: {_first_line(err)}") from err
     model.on_load_checkpoint(checkpoint)  # the tuned operating point, when the final evaluation stored one
+    tuned_on = (checkpoint.get(CHECKPOINT_KEY) or {}).get(TUNED_ON)
+    if tuned_on and tuned_on != path.name:
+        log.warning("%s carries the operating point its run tuned on the probabilities of %s; with these weights its numbers may differ "
+                    "(ckpt_path=<run folder> takes %s)", path.name, tuned_on, tuned_on)
     return model.eval(), cfg
 
 
@@ -181,7 +185,7 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
             as the final evaluation); ``None``: threshold 0.5, nothing removed.
         voxel_mm3: the volume of one voxel of ``probs``' grid.
         connectivity: of the components ``point.min_component_mm3`` filters (6, 18, 26): the model's
-            (``model.lesion_metrics.connectivity``), as in the final evaluation.
+            (the config's ``connectivity``), as in the final evaluation.
 
     Returns:
         ``(X, Y, Z)`` integer labels in the dataset's convention (e.g. BraTS 0/1/2/4).

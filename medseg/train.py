@@ -24,14 +24,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.build import build_model, instantiate_group
-from medseg.checkpoint_io import update_checkpoint
+from medseg.checkpoint_io import AtomicCheckpointIO, update_checkpoint
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.layouts import DATA_HELP, DatasetError
-from medseg.distributed import one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
+from medseg.distributed import on_rank_zero, one_run_per_process_group, patch_lightning_relaunch, resume_checkpoint
 from medseg.final_evaluation import FinalEvaluation, evaluate_cases
 from medseg.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from medseg.module import NonFiniteLossError, SegmentationModule
-from medseg.postprocess import CHECKPOINT_KEY
+from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON
 from medseg.report import print_metrics_table, to_floats
 
 log = logging.getLogger("medseg")
@@ -71,17 +71,16 @@ def final_evaluation(cfg: DictConfig, trainer: L.Trainer, model: SegmentationMod
     into ``<run>/validation/``), its operating point saved with the run, and the report; returns ``fit_metrics``
     with the final values as ``final_val/<metric>``."""
     if checkpoint:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        model.load_state_dict(AtomicCheckpointIO().load_checkpoint(checkpoint, map_location="cpu")["state_dict"])
     out = Path(cfg.paths.output_dir)
-    result = evaluate_cases(model, cfg, cases, out / VALIDATION_DIR, trainer.strategy.root_device)
+    result = evaluate_cases(model, cfg, cases, out / VALIDATION_DIR, trainer.strategy.root_device, checkpoint=checkpoint)
     model.postprocessing = result.point
-    save_operating_point(cfg, result, checkpoint, Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)
-    report(cfg, result, model, checkpoint, fit_metrics)
-    trainer.strategy.barrier()  # checkpoints and reports are complete before any process goes on
+    # On rank 0, every process waiting for it (and failing with it): checkpoints and reports are complete after.
+    on_rank_zero(save_operating_point, cfg, result, checkpoint, Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)
+    on_rank_zero(report, cfg, result, model, checkpoint, fit_metrics)
     return {**fit_metrics, **{f"{FINAL}/{k}": float(v) for k, v in result.summary["metrics"].items()}}
 
 
-@rank_zero_only
 def save_operating_point(cfg: DictConfig, result: FinalEvaluation, checkpoint: str, checkpoint_dir: Path | None) -> None:
     """``operating_point.json`` (and with a sweep ``operating_point_sweep.csv`` / ``.png``) in the run folder, and the
     point into every checkpoint of the run: it belongs to the run, whichever checkpoint a user predicts with."""
@@ -94,8 +93,10 @@ def save_operating_point(cfg: DictConfig, result: FinalEvaluation, checkpoint: s
         save_figure(plot_operating_point(result.sweep_table, point.to_dict()["regions"], str(point.criterion)), out / "operating_point_sweep.png")
         chosen = ", ".join(f"{n}: threshold {t:g}, min component {m:g} mm^3" for n, t, m in zip(point.names, point.threshold, point.min_component_mm3))
         log.info("Operating point (max %s on the validation cases): %s", point.criterion, chosen)
+    # Every checkpoint carries the point, with the name of the one whose probabilities it was tuned on (prediction
+    # with other weights warns).
     for path in sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir is not None and checkpoint_dir.is_dir() else []:
-        update_checkpoint(path, CHECKPOINT_KEY, point.to_dict())
+        update_checkpoint(path, CHECKPOINT_KEY, {**point.to_dict(), TUNED_ON: Path(checkpoint).name})
 
 
 @rank_zero_only
@@ -104,7 +105,6 @@ def save_config(cfg: DictConfig) -> None:
     write_text_atomic(Path(cfg.paths.output_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
-@rank_zero_only
 def report(cfg: DictConfig, result: FinalEvaluation, model: SegmentationModule, checkpoint: str, fit_metrics: dict[str, float]) -> None:
     """Print the final evaluation's table(s) and write ``metrics.json``: the summary of ``validation/evaluation/``
     (what ``medseg.evaluate`` writes for the same files), the checkpoint, the point, the untuned point's metrics

@@ -112,3 +112,11 @@ def test_one_connectivity_setting_reaches_every_lesion_notion(tmp_path):
 
     assert build_model(cfg).connectivity == 6
     assert compose("evaluate", ["pred=p", "ref=r"]).model.lesion_metrics.connectivity == 26
+
+
+def test_metrics_and_post_processing_may_not_count_different_components(tmp_path):
+    from medseg.build import build_model
+
+    cfg = compose("train", ["+experiment=demo", "data.root=unused", "model.lesion_metrics.connectivity=6", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(Exception, match="model.lesion_metrics.connectivity equal to model.connectivity"):  # (Hydra wraps it)
+        build_model(cfg)

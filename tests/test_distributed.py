@@ -134,3 +134,14 @@ def test_sbatch_template_matches_what_lightning_checks():
     assert 'trainer.devices="${DEVICES}"' in script and 'trainer.num_nodes="${NODES}"' in script
     assert subprocess.run(["bash", "-n", str(CONFIG_DIR.parent / "scripts" / "slurm" / "train.sbatch")]).returncode == 0
     assert compose("train", ["trainer=ddp", "trainer.devices=4"]).trainer.sync_batchnorm is True
+
+
+def test_rank_zero_helpers_without_a_process_group():
+    from medseg.distributed import gather_objects, on_rank_zero, raise_if_any_failed
+
+    assert gather_objects([1, 2]) == [1, 2] and on_rank_zero(lambda a, b: a + b, 2, b=3) == 5
+    raise_if_any_failed([], "nothing")
+    with pytest.raises(RuntimeError, match="the evaluation failed: case1: bad"):
+        raise_if_any_failed(["case1: bad"], "the evaluation")
+    with pytest.raises(ZeroDivisionError):  # one process: the error itself
+        on_rank_zero(lambda: 1 / 0)

@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -76,6 +77,26 @@ def test_brats_run_reports_what_predict_then_evaluate_give_with_resampling(brats
         assert_reported_equals_evaluated(run, evaluated)
         record = json.loads((out / "predictions.json").read_text())
         assert record["options"]["tta_flip_axes"] == [0] and record["options"]["operating_point"]["regions"] == point["regions"]
+    # Where the disk has no room for the probabilities, the cases are predicted twice: the same files and numbers.
+    import medseg.final_evaluation as final
+    from omegaconf import OmegaConf
+
+    from medseg.data.layouts import find_cases
+    from medseg.prediction import load_model
+
+    model, _ = load_model(run)
+    cfg = OmegaConf.load(run / "config.yaml")
+    by_id = {c["case"]: c for c in find_cases("brats", brats_tree, list(cfg.data.modalities))}
+    original = final._room_for_probabilities
+    final._room_for_probabilities = lambda *args: False
+    try:
+        again = final.evaluate_cases(model, cfg, [by_id[c] for c in val_ids], tmp_path / "again")
+    finally:
+        final._room_for_probabilities = original
+    assert same(again.summary["metrics"], json.loads((run / "metrics.json").read_text())["metrics"]) and again.point.to_dict()["regions"] == point["regions"]
+    for case in val_ids:
+        assert np.array_equal(np.asarray(nib.load(tmp_path / "again" / f"{case}.nii.gz").dataobj), np.asarray(nib.load(run / "validation" / f"{case}.nii.gz").dataobj))
+    assert not (tmp_path / "again" / ".probabilities").exists()
     # Without the tuned flips the predictions (and numbers) are those of another pipeline: predict says which it used.
     from medseg.prediction import predict
 

@@ -43,9 +43,9 @@ def lesion_scene(seed: int, shape=(48, 48, 40), n_lesions: int = 40) -> tuple[np
     return pred, ref
 
 
-def labelled(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected components with scipy (independent of cc3d, which medseg uses)."""
-    return ndimage.label(mask, structure=STRUCTURE_26)
+def labelled(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """6- or 26-connected components with scipy (independent of cc3d, which medseg uses)."""
+    return ndimage.label(mask, structure=STRUCTURE_26 if connectivity == 26 else ndimage.generate_binary_structure(3, 1))
 
 
 def overlap_matrix(pred: np.ndarray, ref: np.ndarray):
@@ -164,22 +164,22 @@ def test_perfect_and_empty_predictions(matching, empty_score):
 # --- MSSEG (Anima) -----------------------------------------------------------------------------------------------
 
 
-def anima_reference(pred: np.ndarray, ref: np.ndarray, voxel_mm3: float, alpha=0.1, beta=0.7, gamma=0.65, min_mm3=3.0) -> dict[str, int]:
+def anima_reference(pred: np.ndarray, ref: np.ndarray, voxel_mm3: float, alpha=0.1, beta=0.7, gamma=0.65, min_mm3=3.0, connectivity: int = 26) -> dict[str, int]:
     """The detection rules of Anima's animaSegPerfAnalyzer (Commowick et al. 2018, section "Detection"), as loops.
 
     Components of volume <= min_mm3 are removed from both masks (Anima keeps components of at least
     floor(min / voxel) + 1 voxels). A lesion of one side is a true positive when the other side covers more than
-    alpha of it and, taking the other side's overlapping components by decreasing overlap until more than gamma of
+    alpha of it and, taking the other side's overlapping components by decreasing overlap until at least gamma of
     the covered part is accounted for, none has more than beta of its voxels outside every lesion of this side.
     """
     min_voxels = math.floor(min_mm3 / voxel_mm3) + 1
 
     def clean(mask):
-        labels, n = labelled(mask)
+        labels, n = labelled(mask, connectivity)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         keep = sizes >= min_voxels
         keep[0] = False
-        return labelled(keep[labels])
+        return labelled(keep[labels], connectivity)
 
     ref_labels, n_ref = clean(ref)
     pred_labels, n_pred = clean(pred)
@@ -204,7 +204,7 @@ def anima_reference(pred: np.ndarray, ref: np.ndarray, voxel_mm3: float, alpha=0
                     positive = False
                     break
                 total += inter / covered
-                if total > gamma:
+                if total >= gamma:  # Anima: while (sum < gamma) ...
                     break
             count += positive
         return count
@@ -255,3 +255,21 @@ def test_detection_scores_is_one_formula_for_numbers_and_arrays():
     assert math.isnan(detection_scores(0, 0, 0, 0, float("nan"))["lesion_f1"])
     grid = detection_scores(np.array([[4, 0]]), np.array([[3, 0]]), np.array([[5, 3]]), np.array([[1, 3]]), 1.0)
     assert grid["lesion_f1"].shape == (1, 2) and grid["lesion_f1"][0, 0] == pytest.approx(detection_scores(4, 3, 5, 1)["lesion_f1"]) and grid["lesion_f1"][0, 1] == 0.0
+
+
+def test_msseg_stops_looking_once_gamma_of_the_covered_part_is_accounted_for():
+    """Anima examines the next overlapping component only while the share accounted for is below gamma: a lesion
+    covered 13 of 20 voxels (exactly 0.65) by a clean component is detected, whatever the next component is."""
+    shape = (40, 8, 8)
+    ref = np.zeros(shape, bool)
+    ref[10:24, 4, 4] = True  # 14 voxels ...
+    ref[23:30, 4, 5] = True  # ... and 7 more: one 6-connected lesion of 21 voxels
+    pred = np.zeros(shape, bool)
+    pred[10:23, 4, 4] = True  # A: 13 voxels, all inside
+    pred[23:30, 4, 5] = True  # B: 7 voxels inside (diagonal to A: another 6-connected component) ...
+    pred[30:38, 2:7, 5] = True  # ... and 40 outside (85%)
+    expected = anima_reference(pred, ref, 1.0, connectivity=6)
+    got = lesion_metrics(pred, ref, matching="msseg", dilation_mm=0.0, connectivity=6)
+    assert (got["n_ref_lesions"], got["n_pred_lesions"]) == (1, 2)
+    assert got["detected"] == expected["detected"] == 1
+    assert lesion_metrics(pred, ref, matching="msseg", dilation_mm=0.0, connectivity=6, msseg={"gamma": 0.7})["detected"] == 0  # B examined: too far outside

@@ -72,7 +72,7 @@ def test_training_smoke(brats_tree, tmp_path):
     point = json.loads((tmp_path / "operating_point.json").read_text())
     for path in (best[0], tmp_path / "checkpoints" / "last.ckpt"):
         stored = torch.load(path, weights_only=True, map_location="cpu")["medseg_operating_point"]
-        assert stored["regions"] == point["regions"] and stored["tta_flip_axes"] == []
+        assert stored["regions"] == point["regions"] and stored["tta_flip_axes"] == [] and stored["tuned_on"] == best[0].name
     # Checkpoints load safely (weights only) and carry the resolved config for prediction.
     checkpoint = torch.load(best[0], weights_only=True, map_location="cpu")
     assert checkpoint["medseg_config"]["data"]["labels"]["names"] == ["wt", "tc", "et"]

@@ -1,4 +1,4 @@
-"""Per-case metric rows (one per case and region) for the test-time CSV, gathered across processes."""
+"""Per-case metric rows (one per case and region), their means per region and their pooled lesion detection."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from medseg.metrics.distance import hausdorff_distance_95
@@ -54,15 +53,6 @@ def case_rows(
                 row.update(lesion_metrics(p[r], t[r], spacing=spacings[b], **lesion_options) if lesions is None else lesions[r][b])
             rows.append(row)
     return rows
-
-
-def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of every process, in rank order (the rows themselves when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in (part or [])]
 
 
 def region_means(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, float]]:

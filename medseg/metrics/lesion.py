@@ -316,7 +316,7 @@ def lesion_metrics(
         bucket_names: names used in the per-bucket keys.
         dilation_mm: radius (mm) of the dilation of reference lesions before Dice matching; 0 disables it.
         min_lesion_volume_mm3: merged reference lesions of volume ``<=`` this are ignored by the lesion Dice
-            (BraTS 2023: 50); detection counts always include every lesion.
+            (BraTS 2023: 50); detection counts include every lesion the matching rule counts.
         empty_score: value of a ratio whose denominator is zero (1.0, or ``float("nan")``).
         matching, match_criterion, match_threshold, msseg: the detection rule
             (:mod:`medseg.metrics.matching`).

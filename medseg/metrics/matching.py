@@ -12,7 +12,8 @@ lesions are *detected* and which predicted components are *true positives*; ever
   "assignment" step) count. A pair is *eligible* when its localisation criterion reaches ``match_threshold``
   (``>=``): ``iou`` = intersection / union, or ``ior`` = intersection / reference lesion. Among eligible pairs the
   assignment maximises the total criterion score (``scipy.optimize.linear_sum_assignment`` per connected group of
-  eligible pairs; panoptica's objective). Matched pairs are true positives on both sides; unmatched reference
+  eligible pairs; panoptica's objective, so one pair of high IoU is kept where two pairs of lower IoU would match
+  one lesion more). Matched pairs are true positives on both sides; unmatched reference
   lesions are misses, unmatched predicted components false positives, so ``F1 = 2 TP / (2 TP + FP + FN)``. A flood
   touching N lesions matches at most one of them (F1 <= 2 / (N + 1)); a lesion found as two fragments gives one TP
   and one FP.
@@ -25,10 +26,13 @@ lesions are *detected* and which predicted components are *true positives*; ever
   section "Detection"). Components of at most ``min_lesion_mm3`` (3 mm^3) are removed from both masks first (their
   voxels become background). A reference lesion is detected when the predicted components cover more than
   ``alpha`` (10%) of it and, going through the components overlapping it by decreasing overlap until they make up
-  more than ``gamma`` (65%) of the covered part, none lies more than ``beta`` (70%) outside every reference lesion.
+  at least ``gamma`` (65%) of the covered part, none lies more than ``beta`` (70%) outside every reference lesion.
   The same test with prediction and reference swapped makes a predicted component a true positive. Recall and
-  precision come from the two sides' counts; ``F1 = 2 P R / (P + R)``.
-* ``overlap``: any overlap detects (the WMH 2017 rule, and medseg's before 2026-12): a reference lesion touched by
+  precision come from the two sides' counts; ``F1 = 2 P R / (P + R)``. Anima labels components with
+  6-connectivity (ITK's default), so the ``ms_lesions`` preset sets ``connectivity: 6``; unlike Anima's C++ loop,
+  the number of components examined is not capped at the number of lesions of the tested side (a loop bound,
+  not part of the published rules).
+* ``overlap``: any overlap detects (the WMH 2017 rule; medseg's earlier default): a reference lesion touched by
   a predicted component is detected, a component touching no reference voxel is a false positive. **Gameable**: one
   predicted blob touching every lesion scores recall = precision = F1 = 1. Kept to compare with earlier figures.
 
@@ -209,7 +213,7 @@ def _anima_side(
 ) -> np.ndarray:
     """Anima's test for every component of one side (reference lesions, or predicted components with the sides
     swapped): covered above ``alpha``, and the other side's components overlapping it, by decreasing overlap until
-    they make up more than ``gamma`` of the covered part, none more than ``beta`` outside the own side."""
+    they make up at least ``gamma`` of the covered part, none more than ``beta`` outside the own side."""
     covered = np.bincount(own, weights=intersection, minlength=n_own)  # (n_own,) voxels covered by the other side
     positive = np.zeros(n_own, bool)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -225,7 +229,9 @@ def _anima_side(
     running = np.cumsum(inter_s)  # exact integer sums
     group_offset = np.repeat(running[starts] - inter_s[starts], np.diff(np.r_[starts, own_s.size]))
     before = (running - inter_s - group_offset) / covered[own_s]  # share of the covered part before each pair
-    examined = before <= gamma
+    # A pair is examined while the overlaps before it make up less than gamma (Anima's loop runs while the sum is
+    # below gamma); an examined pair whose other component lies too far outside rejects the component.
+    examined = before < gamma
     rejected = np.zeros(n_own, bool)
     rejected[own_s[examined & (outside_ratio[other_s] > beta)]] = True
     return positive & ~rejected
