@@ -42,7 +42,7 @@ def _single_thread():
 def compose_loss(name: str, mode: str, overrides: tuple[str, ...] = ()):
     """The ``loss`` node of a config made of the loss option and a minimal data node."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(overrides=[f"+loss={name}", f"+data.labels.mode={mode}", *overrides])
+        cfg = compose(overrides=[f"+loss={name}", f"+data.labels.mode={mode}", "+connectivity=26", *overrides])
     return cfg.loss
 
 
