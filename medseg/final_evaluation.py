@@ -12,8 +12,10 @@ same numbers, as nnU-Net validates its folds. In three stages:
 2. the point maximising ``model.operating_point.criterion`` is chosen once for all cases (or the configured
    ``model.threshold`` / ``model.min_component_mm3`` is kept), with the flips it was tuned on recorded;
 3. each case's labels at that point are written as ``medseg.predict`` writes them (``<out>/<case>.nii.gz``,
-   ``predictions.json``) and the files are scored (``<out>/evaluation/``); the untuned point's labels are scored
-   too (``<out>/evaluation_before_postprocessing/``, not written as files).
+   ``predictions.json``) and the files are scored (``<out>/evaluation/``); the untuned point's files are written and
+   scored too (``<out>/evaluation_before_postprocessing/``). The grid's point is kept only if its files beat the
+   untuned point's on the criterion (averaged over regions): regions are swept independently while the files keep
+   nested regions nested, so the grid's choice can lose there; then the untuned files are kept instead.
 
 Under DDP every process predicts its share of the cases (the sweep's counts are summed across processes, so all
 choose the same point) and process 0 writes the records and reports.
@@ -22,6 +24,8 @@ choose the same point) and process 0 writes the records and reports.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,17 +39,18 @@ from tqdm import tqdm
 
 from medseg.build import preprocessing_from_config
 from medseg.data.layouts import CaseRecord
-from medseg.evaluation import evaluate_case, label_channels, score_labels, spacing_mm, write_report
+from medseg.evaluation import evaluate_case, label_channels, spacing_mm, summarise, write_report
 from medseg.io import write_json_atomic
 from medseg.distributed import gather_objects, group_rank_and_size, on_rank_zero, raise_if_any_failed
 from medseg.metrics.matching import MatchingRule
 from medseg.metrics.operating_point import OperatingPointSweep
 from medseg.module import SegmentationModule
 from medseg.postprocess import OperatingPoint
-from medseg.prediction import SUMMARY_NAME, PredictOptions, PreparedCase, predict_cases, segment, write_labels
+from medseg.prediction import SUMMARY_NAME, PredictOptions, PreparedCase, predict_cases, write_labels
 
 log = logging.getLogger("medseg")
 PROBABILITY_DIR = ".probabilities"
+UNTUNED_DIR = ".untuned"
 
 
 @dataclass
@@ -104,17 +109,20 @@ def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseR
     # the values prediction thresholds); else predict the cases a second time after choosing.
     store = sweep is not None and _room_for_probabilities(mine, spec.num_outputs, out)
 
+    untuned_dir = out / UNTUNED_DIR
+
     def write_and_score(case: PreparedCase, probs: torch.Tensor, point: OperatingPoint) -> dict[str, Any]:
-        """Stage 3 of one case: its label file at ``point``, scored from the file; the untuned point scored too."""
+        """Stage 3 of one case: its label file at ``point``, scored from the file; with a sweep, the untuned point's
+        file too (``<out>/.untuned/``, kept until the reports say which point the files keep)."""
         record = case.record
         written = write_labels(case, probs, spec, replace(options, point=point))
         rows = evaluate_case(str(record["case"]), case.target, record["label"], spec, lesion_options, empty_score)
         rows_before = []
-        if sweep is not None:  # the untuned point, post-processed and scored the same way (its labels are not kept)
-            spacing = spacing_mm(nib.load(record["image"][0]))
-            labels = segment(probs, spec, untuned, float(np.prod(spacing)), model.connectivity)  # (X, Y, Z)
-            reference = label_channels(nib.load(record["label"]), spec, str(record["label"]))
-            rows_before = score_labels(str(record["case"]), spec.to_channels(torch.from_numpy(labels)[None]), reference, spacing, spec, lesion_options, empty_score)
+        if sweep is not None:
+            shadow = replace(case, target=untuned_dir / case.target.name)
+            untuned_dir.mkdir(parents=True, exist_ok=True)
+            write_labels(shadow, probs, spec, replace(options, point=untuned))
+            rows_before = evaluate_case(str(record["case"]), shadow.target, record["label"], spec, lesion_options, empty_score)
         return {"case": record["case"], "record": written, "rows": rows, "rows_before": rows_before}
 
     def count(case: PreparedCase, probs: torch.Tensor) -> dict[str, Any]:  # stage 1 with a sweep, in the writer thread
@@ -158,18 +166,43 @@ def evaluate_cases(model: SegmentationModule, cfg: DictConfig, cases: list[CaseR
     for items in (records, rows, rows_before):
         items.sort(key=lambda r: order[str(r["case"])])
 
-    def reports() -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def reports() -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
+        """On rank 0: the summaries; the grid's point is kept only if its files beat the untuned point's files on the
+        criterion (regions are swept independently, the files keep nested regions nested: the grid's choice can lose);
+        else the untuned files replace them. Then the records and reports of the files kept."""
+        nonlocal rows, rows_before
+        keep_untuned = False
+        if sweep is not None:
+            tuned_value = criterion_value(summarise(rows, spec, lesion_options, empty_score), str(tuning), names)
+            untuned_value = criterion_value(summarise(rows_before, spec, lesion_options, empty_score), str(tuning), names)
+            keep_untuned = untuned_value > tuned_value
+            if keep_untuned:
+                log.info("On the written files the grid's point scores %s %.4f, the configured point %.4f: the configured point is kept", tuning, tuned_value, untuned_value)
+                for record in records:
+                    os.replace(untuned_dir / Path(record["prediction"]).name, record["prediction"])
+                rows = rows_before
         shutil.rmtree(probability_dir, ignore_errors=True)
-        write_json_atomic(out / SUMMARY_NAME, {"checkpoint": checkpoint, "input": "validation cases", "options": {"tta_flip_axes": list(flips), "operating_point": point.to_dict()}, "failed": 0, "cases": records})
+        shutil.rmtree(untuned_dir, ignore_errors=True)
+        chosen = untuned if keep_untuned else point
+        write_json_atomic(out / SUMMARY_NAME, {"checkpoint": checkpoint, "input": "validation cases", "options": {"tta_flip_axes": list(flips), "operating_point": chosen.to_dict()}, "failed": 0, "cases": records})
         summary = write_report(rows, out / "evaluation", spec, lesion_options, empty_score)
         untuned_summary = write_report(rows_before, out / "evaluation_before_postprocessing", spec, lesion_options, empty_score) if sweep is not None else None
-        return summary, untuned_summary
+        return summary, untuned_summary, keep_untuned
 
-    summary, untuned_summary = on_rank_zero(reports)
+    summary, untuned_summary, keep_untuned = on_rank_zero(reports)
     if sweep is not None:
+        if keep_untuned:
+            point = replace(untuned, criterion=str(tuning))
         # The criterion of the label files as written (regions were swept independently; nested ones are kept nested).
         point = replace(point, score=tuple(float(summary["metrics"].get(f"{tuning}_{n}", float("nan"))) for n in names))
     return FinalEvaluation(point, summary, untuned_summary, table)
+
+
+def criterion_value(summary: dict[str, Any], criterion: str, names: tuple[str, ...]) -> float:
+    """The operating-point criterion of a summary, averaged over regions (NaN regions left out; -inf when none)."""
+    values = [float(summary["metrics"].get(f"{criterion}_{n}", float("nan"))) for n in names]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("-inf")
 
 
 def _run(cases: list[CaseRecord], model: SegmentationModule, transform: Any, spec: Any, options: PredictOptions, prefetch: int, finish: Any, stage: str, rank: int) -> list[dict[str, Any]]:

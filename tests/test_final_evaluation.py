@@ -97,6 +97,22 @@ def test_brats_run_reports_what_predict_then_evaluate_give_with_resampling(brats
     for case in val_ids:
         assert np.array_equal(np.asarray(nib.load(tmp_path / "again" / f"{case}.nii.gz").dataobj), np.asarray(nib.load(run / "validation" / f"{case}.nii.gz").dataobj))
     assert not (tmp_path / "again" / ".probabilities").exists()
+    # A grid choice whose files score worse than the configured point's is not kept: the configured point's files are.
+    from medseg.metrics.operating_point import OperatingPointSweep
+
+    chooser = OperatingPointSweep.choose
+    OperatingPointSweep.choose = lambda self, criterion, default_threshold=0.5: OperatingPoint(self.names, (0.99,) * 3, (1e7,) * 3, criterion)  # nothing kept
+    configured = point["regions"]["wt"]["threshold"]  # a configured point that finds lesions with these weights
+    cfg.model.threshold = configured
+    try:
+        worse = final.evaluate_cases(model, cfg, [by_id[c] for c in val_ids], tmp_path / "worse")
+    finally:
+        OperatingPointSweep.choose = chooser
+    assert final.criterion_value(worse.untuned, "lesion_f1", ("wt", "tc", "et")) > 0
+    assert worse.point.threshold == (configured,) * 3 and worse.point.min_component_mm3 == (0.0, 0.0, 0.0) and worse.point.criterion == "lesion_f1"
+    assert same(worse.summary["metrics"], worse.untuned["metrics"]) and not (tmp_path / "worse" / ".untuned").exists()
+    kept = json.loads((tmp_path / "worse" / "predictions.json").read_text())["options"]["operating_point"]["regions"]
+    assert {r["threshold"] for r in kept.values()} == {configured}
     # Without the tuned flips the predictions (and numbers) are those of another pipeline: predict says which it used.
     from medseg.prediction import predict
 
