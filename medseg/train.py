@@ -115,7 +115,8 @@ def report(cfg: DictConfig, result: FinalEvaluation, model: SegmentationModule, 
     if result.untuned is not None:
         print_metrics_table({f"{FINAL}/{k}": v for k, v in result.untuned["metrics"].items()}, names, FINAL, title=f"Validation cases, {weights}, before post-processing (original geometry)")
     point = result.point
-    where = "" if point.criterion is None else f", tuned operating point (max {point.criterion})"
+    configured = (point.threshold, point.min_component_mm3) == ((float(cfg.model.threshold),) * len(names), (float(cfg.model.get("min_component_mm3") or 0.0),) * len(names))
+    where = "" if point.criterion is None else f", {'configured' if configured else 'tuned'} operating point (max {point.criterion})"
     print_metrics_table({f"{FINAL}/{k}": v for k, v in result.summary["metrics"].items()}, names, FINAL, title=f"Validation cases, {weights}{where} (original geometry)")
     summary = {**result.summary, "checkpoint": checkpoint, "operating_point": point.to_dict(), "training": fit_metrics}
     if result.untuned is not None:
