@@ -87,12 +87,12 @@ def test_brats_run_reports_what_predict_then_evaluate_give_with_resampling(brats
     model, _ = load_model(run)
     cfg = OmegaConf.load(run / "config.yaml")
     by_id = {c["case"]: c for c in find_cases("brats", brats_tree, list(cfg.data.modalities))}
-    original = final._room_for_probabilities
-    final._room_for_probabilities = lambda *args: False
+    original = final.room_for_probabilities
+    final.room_for_probabilities = lambda *args: False
     try:
         again = final.evaluate_cases(model, cfg, [by_id[c] for c in val_ids], tmp_path / "again")
     finally:
-        final._room_for_probabilities = original
+        final.room_for_probabilities = original
     assert same(again.summary["metrics"], json.loads((run / "metrics.json").read_text())["metrics"]) and again.point.to_dict()["regions"] == point["regions"]
     for case in val_ids:
         assert np.array_equal(np.asarray(nib.load(tmp_path / "again" / f"{case}.nii.gz").dataobj), np.asarray(nib.load(run / "validation" / f"{case}.nii.gz").dataobj))
