@@ -15,7 +15,6 @@ file or error, in the input's order.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ from medseg.config import ConfigError, check_required
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, reference_label_folders
 from medseg.data.transforms import IMAGE
+from medseg.ensemble import EnsembleModel, check_members, load_members, resolve_checkpoint, resolve_checkpoints  # noqa: F401 (resolve_checkpoint: public here too)
 from medseg.evaluation import spacing_mm
 from medseg.io import write_json_atomic, write_nifti_atomic
 from medseg.module import SegmentationModule
@@ -52,49 +52,42 @@ PRED = "pred"
 SUMMARY_NAME = "predictions.json"
 PROBABILITY_DIR = "probabilities"
 REQUIRED_HELP = {
-    "ckpt_path": "ckpt_path is a checkpoint written by medseg.train (outputs/<task>/runs/<run>/checkpoints/last.ckpt).",
+    "ckpt_path": "ckpt_path is a training run folder (outputs/<task>/runs/<run>), a cross-validation folder (outputs/<task>/crossval/<run>: an ensemble of its folds), a checkpoint of medseg.train, or a list of these.",
     "input": "input is a case folder, a dataset folder (BraTS, MSD, nnU-Net, images/ + labels/), an images folder such as imagesTs/, dataset.json, or a list of NIfTI files.",
     "output": "output is the folder for the predicted label files.",
 }
 
 
-def resolve_checkpoint(ckpt_path: str | Path) -> Path:
-    """The checkpoint file ``ckpt_path`` names: a ``.ckpt`` file, or a training run folder, whose evaluated checkpoint
-    (``operating_point.json`` records it) or else ``checkpoints/last.ckpt`` is taken.
-
-    Raises:
-        ConfigError: no such file, or a folder without a checkpoint.
-    """
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        record = path / "operating_point.json"
-        if record.is_file():
-            name = Path(str(json.loads(record.read_text()).get("checkpoint") or "")).name
-            if name and (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
-        if (path / "checkpoints" / "last.ckpt").is_file():
-            return path / "checkpoints" / "last.ckpt"
-        raise ConfigError(f"ckpt_path={str(path)!r} is a folder without checkpoints/last.ckpt; pass a training run folder or a .ckpt file")
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: ckpt_path={str(path)!r}; pass a training run folder (outputs/<task>/runs/<run>) or a .ckpt file of one")
-    return path
-
-
-def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> tuple[SegmentationModule, DictConfig]:
-    """The trained module and its training config, from a checkpoint written by ``medseg.train``.
+def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None) -> tuple[SegmentationModule, DictConfig]:
+    """The trained module and its training config, from checkpoints written by ``medseg.train``.
 
     Args:
-        ckpt_path: the ``.ckpt`` file, or a run folder (:func:`resolve_checkpoint`).
+        ckpt_path: a ``.ckpt`` file, a run folder, a cross-validation folder, or a list of these
+            (:func:`medseg.ensemble.resolve_checkpoints`); several checkpoints give an
+            :class:`medseg.ensemble.EnsembleModel` (the first one's config, operating point and flips).
         inferer: sliding-window options replacing the checkpoint's ``model.inferer`` values (``None``
             values are ignored).
 
     Returns:
-        The module in eval mode on the CPU, and the resolved training config.
+        The module (or ensemble) in eval mode on the CPU, and the resolved training config.
 
     Raises:
-        ConfigError: the file is missing or unreadable, lacks the saved config, or its weights do not fit it.
+        ConfigError: a file is missing or unreadable, lacks the saved config, its weights do not fit it, or the
+            members of an ensemble differ in preprocessing, labels or network.
     """
-    path = resolve_checkpoint(ckpt_path)
+    paths = resolve_checkpoints(ckpt_path)
+    model, cfg, tuned_on = _load_one(paths[0], inferer)
+    if len(paths) == 1:
+        if tuned_on and tuned_on != paths[0].name:
+            log.warning("%s carries the operating point its run tuned on the probabilities of %s; with these weights its numbers may differ "
+                        "(ckpt_path=<run folder> takes %s)", paths[0].name, tuned_on, tuned_on)
+        return model, cfg
+    check_members([cfg, *(_load_one(p, inferer)[1] for p in paths[1:])], paths)
+    return EnsembleModel(model, load_members(paths), paths).eval(), cfg
+
+
+def _load_one(path: Path, inferer: dict[str, Any] | None) -> tuple[SegmentationModule, DictConfig, str | None]:
+    """One checkpoint's module (eval mode, CPU), its config, and the checkpoint its operating point was tuned on."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "not a readable checkpoint"
@@ -111,11 +104,7 @@ def load_model(ckpt_path: str | Path, inferer: dict[str, Any] | None = None) -> 
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {str(path)!r}: the weights do not fit the network of its saved config: {_first_line(err)}") from err
     model.on_load_checkpoint(checkpoint)  # the tuned operating point, when the final evaluation stored one
-    tuned_on = (checkpoint.get(CHECKPOINT_KEY) or {}).get(TUNED_ON)
-    if tuned_on and tuned_on != path.name:
-        log.warning("%s carries the operating point its run tuned on the probabilities of %s; with these weights its numbers may differ "
-                    "(ckpt_path=<run folder> takes %s)", path.name, tuned_on, tuned_on)
-    return model.eval(), cfg
+    return model.eval(), cfg, (checkpoint.get(CHECKPOINT_KEY) or {}).get(TUNED_ON)
 
 
 def check_output_folder(output: str | Path, input_folders: list[Path], enclosing_root: Path | None = None, reference_folders: Sequence[Path] = ()) -> Path:
@@ -506,7 +495,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             results.append(result)
             progress.set_postfix(failed=sum("error" in r for r in results))
     summary = {
-        "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
+        "checkpoint": [str(p) for p in resolve_checkpoints(cfg.ckpt_path)] if isinstance(model, EnsembleModel) else str(resolve_checkpoints(cfg.ckpt_path)[0].resolve()),
         "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input),
         "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
         "failed": sum("error" in r for r in results),

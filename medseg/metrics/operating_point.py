@@ -174,10 +174,10 @@ class OperatingPointSweep(Metric):
         count cases while another is added)."""
         return sweep_case(probs, target, self.mode, spacing, self.thresholds, self.min_component_mm3, self.connectivity, self.size_buckets_mm3, self.empty_score, self.rule)
 
-    def add(self, counts: np.ndarray) -> None:
-        """Add one case's :meth:`case_counts`."""
+    def add(self, counts: np.ndarray, cases: int = 1) -> None:
+        """Add one case's :meth:`case_counts` (or the summed counts of ``cases`` cases)."""
         self.counts += torch.from_numpy(counts).to(self.counts.device)
-        self.n_cases += 1
+        self.n_cases += cases
 
     def compute(self) -> dict[str, Tensor]:
         """The scores of :func:`grid_scores`, each ``(R, T, M)``."""
