@@ -78,7 +78,7 @@ def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None) -> tuple[S
     paths = resolve_checkpoints(ckpt_path)
     model, cfg, tuned_on = _load_one(paths[0], inferer)
     if len(paths) == 1:
-        if tuned_on and tuned_on != paths[0].name:
+        if tuned_on and tuned_on not in (paths[0].name, "crossval"):  # a fold alone applies its cross-validation's point
             log.warning("%s carries the operating point its run tuned on the probabilities of %s; with these weights its numbers may differ "
                         "(ckpt_path=<run folder> takes %s)", paths[0].name, tuned_on, tuned_on)
         return model, cfg
