@@ -142,6 +142,7 @@ def aggregate(cfg: DictConfig, cv: Path, records: list[dict[str, Any]]) -> dict[
     order = [str(e["case"]) for r in records for e in r["cases"]]
     final = evaluator.finish(results, point, table, order, checkpoint=None, extra_columns=folds)
     checkpoints = [record["checkpoint"] for record in records]
+    relative = [str(Path(c).relative_to(cv)) if Path(c).is_relative_to(cv) else c for c in checkpoints]  # the folder travels
     per_fold = {}
     for record in records:
         rows = [row for row in final.rows if row.get("fold") == record["fold"]]
@@ -149,13 +150,13 @@ def aggregate(cfg: DictConfig, cv: Path, records: list[dict[str, Any]]) -> dict[
     summary = {
         **final.summary,
         "folds": len(records),
-        "checkpoints": checkpoints,
+        "checkpoints": relative,
         "operating_point": final.point.to_dict(),
         "per_fold": per_fold,
         **({"before_postprocessing": final.untuned["metrics"]} if final.untuned is not None else {}),
     }
     write_json_atomic(cv / RECORD_NAME, summary)
-    write_json_atomic(cv / "operating_point.json", {"checkpoint": "crossval", "checkpoints": checkpoints, **final.point.to_dict()})
+    write_json_atomic(cv / "operating_point.json", {"checkpoint": "crossval", "checkpoints": relative, **final.point.to_dict()})
     if table:
         from medseg.viz import plot_operating_point, save_figure
 

@@ -61,8 +61,8 @@ def resolve_checkpoints(ckpt_path: Any) -> list[Path]:
     record = folder / CROSSVAL_RECORD
     if folder.is_dir() and record.is_file():
         checkpoints = [Path(p) for p in json.loads(record.read_text())["checkpoints"]]
-        # A moved cross-validation folder keeps its fold_<k>/checkpoints/<name> layout.
-        checkpoints = [p if p.is_file() else folder / p.parent.parent.name / "checkpoints" / p.name for p in checkpoints]
+        # Relative to the folder (it travels); a moved folder keeps its fold_<k>/checkpoints/<name> layout.
+        checkpoints = [folder / p if not p.is_absolute() else p if p.is_file() else folder / p.parent.parent.name / "checkpoints" / p.name for p in checkpoints]
         gone = [str(p) for p in checkpoints if not p.is_file()]
         if gone:
             raise ConfigError(f"{record} lists fold checkpoints that are gone: {gone}")

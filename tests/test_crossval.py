@@ -41,8 +41,8 @@ def test_every_case_is_predicted_out_of_fold_once_and_the_point_tuned_once(cross
     assert sorted(p.name for p in (cv / "oof").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
     point = json.loads((cv / "operating_point.json").read_text())
     assert point["checkpoint"] == "crossval" and len(point["checkpoints"]) == 3 and (cv / "operating_point_sweep.csv").is_file()
-    for checkpoint in point["checkpoints"]:  # every fold checkpoint carries the one point
-        stored = torch.load(checkpoint, weights_only=True, map_location="cpu")["medseg_operating_point"]
+    for checkpoint in point["checkpoints"]:  # every fold checkpoint carries the one point (paths relative: the folder travels)
+        stored = torch.load(cv / checkpoint, weights_only=True, map_location="cpu")["medseg_operating_point"]
         assert stored["regions"] == point["regions"] and stored["tuned_on"] == "crossval"
     assert set(summary["per_fold"]) == {"0", "1", "2"} and "before_postprocessing" in summary
     for fold in range(3):  # out-of-fold probabilities kept, compact
@@ -103,7 +103,7 @@ def test_an_ensemble_of_copies_of_one_model_is_that_model_and_its_memory_does_no
     from medseg.prediction import load_model
 
     cv, _ = crossval_run
-    path = Path(json.loads((cv / "crossval.json").read_text())["checkpoints"][0])
+    path = cv / json.loads((cv / "crossval.json").read_text())["checkpoints"][0]
     model, _ = load_model(path)
     image = torch.randn(1, 4, 48, 48, 32)
     peaks = {}
@@ -122,7 +122,7 @@ def test_members_of_different_setups_are_refused(crossval_run, tmp_path):
     from medseg.prediction import load_model
 
     cv, _ = crossval_run
-    paths = json.loads((cv / "crossval.json").read_text())["checkpoints"]
+    paths = [str(cv / p) for p in json.loads((cv / "crossval.json").read_text())["checkpoints"]]
     saved = torch.load(paths[1], weights_only=True, map_location="cpu")
     saved["medseg_config"]["data"]["spacing"] = [3.0, 3.0, 3.0]
     other = tmp_path / "other.ckpt"
