@@ -87,7 +87,7 @@ def run_fold(cfg: DictConfig, fold: int, cv: Path, device: torch.device) -> dict
     Returns:
         The fold's record (``fold_<k>/oof/oof.json``).
     """
-    from medseg.train import train  # the training job itself (an entry point's library function)
+    from medseg.training import train  # imported when a fold trains: Lightning and the network stack
 
     folder = fold_dir(cv, fold)
     record_path = folder / OOF_DIR / FOLD_RECORD

@@ -14,7 +14,7 @@ from medseg.config import CONFIG_DIR, compose
 from medseg.data.transforms import DEFAULT_CT_WINDOW
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-ENTRY_POINTS = ("train", "predict", "evaluate", "plan")
+ENTRY_POINTS = ("train", "predict", "evaluate", "plan", "crossval", "ablation")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -409,7 +409,7 @@ def test_check_command_repeats_the_runs_experiment_and_data_overrides():
 @pytest.mark.slow
 def test_training_refuses_a_broken_dataset(tmp_path):
     from medseg.config import compose
-    from medseg.train import train
+    from medseg.training import train
 
     root = make_brats(tmp_path / "brats")
     label = lesion()

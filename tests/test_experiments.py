@@ -178,7 +178,7 @@ def test_every_preset_composes_with_medseg_evaluate_as_with_training(tmp_path, e
 @pytest.mark.realdata
 def test_ct_abdomen_trains_and_predicts_in_the_input_geometry(tmp_path):
     from medseg.prediction import predict
-    from medseg.train import train
+    from medseg.training import train
 
     root = shared_dataset("CT_abdomen")
     run = tmp_path / "run"

@@ -31,7 +31,7 @@ def same(a, b) -> bool:
 
 
 def train_run(root: Path, out: Path, *extra: str) -> dict:
-    from medseg.train import train
+    from medseg.training import train
 
     cfg = compose("train", ["+experiment=demo", f"data.root={root}", "data.synthetic=null", f"paths.output_dir={out}", f"data.check.cache_dir={out / '.checks'}",
                             "data.patch_size=[32,32,32]", "data.num_workers=0", "data.val_fraction=0.34", "logger=csv", "~callbacks.model_summary",

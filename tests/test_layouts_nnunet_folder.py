@@ -237,7 +237,7 @@ def test_check_train_predict_evaluate_end_to_end(brats_tree, tmp_path, layout):
 
     from medseg.evaluate import evaluate
     from medseg.prediction import predict
-    from medseg.train import train
+    from medseg.training import train
 
     if layout == "nnunet":
         root = brats_as_nnunet(brats_tree, tmp_path / "Dataset137_BraTS")
@@ -279,7 +279,7 @@ def test_hippocampus_as_nnunet_checks_trains_predicts_and_evaluates(tmp_path):
     from medseg.data.check import check_dataset
     from medseg.evaluate import evaluate
     from medseg.prediction import predict
-    from medseg.train import train
+    from medseg.training import train
 
     source = shared_dataset("Task04_Hippocampus")
     cases = read_msd_datalist(source)

@@ -9,7 +9,7 @@ import torch
 
 from medseg.checkpoint_io import non_finite_tensors
 from medseg.module import NonFiniteLossError, SegmentationModule
-from medseg.train import train
+from medseg.training import train
 from test_train import tiny_run
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from medseg.run_notebook import run_notebook
-from medseg.train import train
+from medseg.training import train
 from medseg.viz import latest_checkpoint
 
 from test_train import tiny_run

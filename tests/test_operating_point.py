@@ -174,7 +174,7 @@ def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_
 
     from medseg.prediction import load_model, predict
     from medseg.config import compose
-    from medseg.train import train
+    from medseg.training import train
 
     run = tmp_path / "run"
     # One region (whole tumour): regions filtered independently, as the sweep counts them, so the sweep's values at a

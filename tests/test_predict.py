@@ -103,7 +103,7 @@ def checkpoint(brats_tree, tmp_path_factory) -> Path:
     """A real training checkpoint (one epoch, the tiny demo net) that resamples to 4 mm."""
     from test_train import tiny_run
 
-    from medseg.train import train
+    from medseg.training import train
 
     out = tmp_path_factory.mktemp("run")
     train(tiny_run(brats_tree, out, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "evaluate_best=false", "data.val_fraction=0", "data.spacing=[4.0,4.0,4.0]", "logger=csv"))

@@ -11,7 +11,7 @@ import torch
 
 from medseg.config import ConfigError, compose
 from medseg.data.layouts import DatasetError
-from medseg.train import train
+from medseg.training import train
 
 pytestmark = pytest.mark.slow
 
