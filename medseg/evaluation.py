@@ -39,6 +39,8 @@ log = logging.getLogger("medseg")
 AFFINE_TOLERANCE_MM = 1e-3
 # Per-case scores averaged over cases per region (NaN left out), besides the pooled lesion scores.
 CASE_MEAN_COLUMNS = ("dice", "iou", "recall", "precision", "hd95_mm", "lesion_f1")
+# Numeric columns that name a row rather than measure it (cross-validation adds the fold of each case): never averaged.
+IDENTIFIER_COLUMNS = frozenset({"fold"})
 
 
 def spacing_mm(image: nib.Nifti1Image) -> tuple[float, float, float]:
@@ -110,7 +112,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], spec: LabelSpec, lesion_options
         (the rule, described), ``lesion_detection`` and ``lesion_recall_by_size`` per region.
     """
     names = list(spec.names)
-    numeric = [k for k, v in (rows[0] if rows else {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numeric = [k for k, v in (rows[0] if rows else {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in IDENTIFIER_COLUMNS]
     means = region_means(rows, numeric)
     metrics: dict[str, float] = {}
     for name in names:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
@@ -45,6 +43,7 @@ def test_every_case_is_predicted_out_of_fold_once_and_the_point_tuned_once(cross
         stored = torch.load(cv / checkpoint, weights_only=True, map_location="cpu")["medseg_operating_point"]
         assert stored["regions"] == point["regions"] and stored["tuned_on"] == "crossval"
     assert set(summary["per_fold"]) == {"0", "1", "2"} and "before_postprocessing" in summary
+    assert all("fold" not in means for means in summary["region_means"].values())  # an identifier, not a measure
     for fold in range(3):  # out-of-fold probabilities kept, compact
         assert list((cv / f"fold_{fold}" / "oof" / "probabilities").glob("*.nii.gz.npz"))
         assert not (cv / f"fold_{fold}" / "validation").exists()  # no per-fold tuning

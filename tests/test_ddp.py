@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from medseg.config import CONFIG_DIR, compose
+from medseg.config import CONFIG_DIR
 from medseg.data.layouts import find_cases
 from medseg.prediction import load_model
 
