@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger("medseg")
@@ -52,22 +53,46 @@ def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
     return env["SLURM_JOB_ID"]
 
 
-def process_rank(env: Mapping[str, str] | None = None) -> int:
+def process_rank(env: Mapping[str, str] | None = None, devices_per_node: Any = None) -> int:
     """Global rank of this process as its launcher set it, before any process group exists (0 if alone).
 
-    SLURM tasks: ``SLURM_PROCID``; torchrun: ``RANK``; ranks started by Lightning: ``NODE_RANK``/``LOCAL_RANK``.
+    SLURM tasks: ``SLURM_PROCID``; torchrun: ``RANK``; ranks started by Lightning (its own launcher, or processes
+    started by hand on each node): ``NODE_RANK * devices_per_node + LOCAL_RANK``, as Lightning numbers them.
+
+    Args:
+        env: the environment (``os.environ`` by default).
+        devices_per_node: ``trainer.devices`` (an int, a list of devices, ``"auto"`` or ``-1``); needed on nodes
+            after the first only, where ``LOCAL_WORLD_SIZE`` or ``WORLD_SIZE`` / ``NUM_NODES`` does not say it.
     """
     env = os.environ if env is None else env
     if slurm_job_id(env) is not None:
         return int(env.get("SLURM_PROCID", "0"))
     if "RANK" in env:
         return int(env["RANK"])
-    return int(env.get("NODE_RANK", "0")) + int(env.get("LOCAL_RANK", "0"))  # 0 exactly for global rank 0
+    node, local = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0"))), int(env.get("LOCAL_RANK", "0"))
+    if node == 0:
+        return local
+    return node * _devices_per_node(env, devices_per_node) + local
 
 
-def rank_zero_value(value: Any) -> Any:
+def _devices_per_node(env: Mapping[str, str], devices: Any) -> int:
+    """Processes per node of a Lightning run: ``LOCAL_WORLD_SIZE`` where the launcher sets it, else
+    ``trainer.devices`` (an int, a list of devices, or ``"auto"``/``-1``: every visible GPU)."""
+    if env.get("LOCAL_WORLD_SIZE"):
+        return int(env["LOCAL_WORLD_SIZE"])
+    if devices is not None and not isinstance(devices, (str, int)):
+        return len(devices)  # a list of device indices
+    if str(devices) in ("auto", "-1"):
+        return max(1, torch.cuda.device_count())
+    if devices is not None and str(devices).isdigit() and int(devices) > 0:
+        return int(devices)
+    raise ValueError(f"NODE_RANK={env.get('NODE_RANK', env.get('GROUP_RANK'))} without the number of processes per node: "
+                     "set trainer.devices (or LOCAL_WORLD_SIZE) so that every process has its own global rank")
+
+
+def rank_zero_value(value: Any, devices_per_node: Any = None) -> Any:
     """``value`` in the process of global rank 0, else ``None`` (the ``${medseg.rank_zero:...}`` resolver)."""
-    return value if process_rank() == 0 else None
+    return value if process_rank(devices_per_node=devices_per_node) == 0 else None
 
 
 def group_rank_and_size() -> tuple[int, int]:
@@ -114,9 +139,10 @@ def on_rank_zero(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return result[0]
 
 
-def rank_suffix() -> str:
-    """``""`` for global rank 0, ``"_rank<r>"`` for the others (``${medseg.rank_suffix:}``: their log files)."""
-    rank = process_rank()
+def rank_suffix(devices_per_node: Any = None) -> str:
+    """``""`` for global rank 0, ``"_rank<r>"`` for the others (``${medseg.rank_suffix:${trainer.devices}}``: their
+    log files)."""
+    rank = process_rank(devices_per_node=devices_per_node)
     return f"_rank{rank}" if rank else ""
 
 

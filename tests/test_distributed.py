@@ -26,7 +26,31 @@ def test_process_rank_from_each_launcher():
     assert process_rank(SLURM) == 3
     assert process_rank({"RANK": "5", "LOCAL_RANK": "1"}) == 5  # torchrun
     assert process_rank({"LOCAL_RANK": "1", "NODE_RANK": "0"}) == 1  # started by Lightning
-    assert process_rank({"LOCAL_RANK": "0", "NODE_RANK": "1"}) > 0
+
+
+def test_hand_started_nodes_get_distinct_global_ranks_as_lightning_numbers_them():
+    # 2 nodes x 4 processes, started by hand or by Lightning on each node: node k's ranks are 4k .. 4k+3
+    ranks = [process_rank({"NODE_RANK": str(n), "LOCAL_RANK": str(r)}, devices_per_node=4) for n in range(2) for r in range(4)]
+    assert ranks == list(range(8))
+    assert process_rank({"NODE_RANK": "1"}, devices_per_node=4) == 4  # node 1's first process, before it launches the rest
+    assert process_rank({"NODE_RANK": "1", "LOCAL_RANK": "1"}, devices_per_node=[0, 2, 3]) == 4  # a list of devices
+    assert process_rank({"GROUP_RANK": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == 5
+    with pytest.raises(ValueError, match="trainer.devices"):  # never a guess that two nodes could share
+        process_rank({"NODE_RANK": "1", "LOCAL_RANK": "0"})
+
+
+def test_log_names_and_hydra_folder_follow_the_global_rank(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from medseg.config import register_resolvers
+
+    register_resolvers()
+    node = OmegaConf.create({"trainer": {"devices": 2}, "name": "train${medseg.rank_suffix:${trainer.devices}}",
+                             "sub": "${medseg.rank_zero:.hydra,${trainer.devices}}"})
+    for env, name, sub in ((("0", "0"), "train", ".hydra"), (("0", "1"), "train_rank1", None), (("1", "0"), "train_rank2", None), (("1", "1"), "train_rank3", None)):
+        monkeypatch.setenv("NODE_RANK", env[0])
+        monkeypatch.setenv("LOCAL_RANK", env[1])
+        assert (node.name, node.sub) == (name, sub)
 
 
 def test_run_id_in_an_interactive_allocation_is_a_time():
