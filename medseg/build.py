@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from medseg.data.labels import LabelSpec
 from medseg.data.transforms import preprocessing, preprocessing_options
 from medseg.module import SegmentationModule
+from medseg.precision import resolve_trainer_precision
 
 # The data keys that choose the preprocessing: the parameters of medseg.data.transforms.preprocessing_options.
 PREPROCESSING_KEYS = tuple(inspect.signature(preprocessing_options).parameters)
@@ -36,6 +37,15 @@ def build_model(cfg: DictConfig) -> SegmentationModule:
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a callbacks/logger group."""
     return [instantiate(node) for node in (group or {}).values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_trainer(cfg: DictConfig, **arguments: Any) -> Any:
+    """The Lightning ``Trainer`` of ``cfg.trainer`` with the callbacks and loggers of their groups (``arguments``
+    replace any of them). ``trainer.precision: auto`` is resolved for this device first, in ``cfg`` itself, so that
+    the run records what it used (:mod:`medseg.precision`)."""
+    resolve_trainer_precision(cfg)
+    defaults = {"callbacks": instantiate_group(cfg.get("callbacks")), "logger": instantiate_group(cfg.get("logger"))}
+    return instantiate(cfg.trainer, **{**defaults, **arguments})
 
 
 def preprocessing_options_from_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,12 +19,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import medseg.precision
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.data.layouts import DATA_HELP, DatasetError, get_layout
 from medseg.io import write_text_atomic
 from medseg.planning.fingerprint import dataset_fingerprint, read_fingerprint, write_fingerprint
 from medseg.planning.memory import dynunet_activation_elements, measure_training_step, training_step_bytes
 from medseg.planning.planner import Choice, Plan, PlanOptions, plan_from_fingerprint, render_preset
+from medseg.precision import cuda_precision
 
 log = logging.getLogger("medseg")
 
@@ -37,26 +39,16 @@ def preset_path(output: str) -> Path:
     return path
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): where ``plan.precision=auto`` picks bf16-mixed.
-
-    The one place the plan reads the CPU model, so that tests can fix it (a plan must not depend on the test machine).
-    """
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-
-
 def device_profile(plan_cfg: DictConfig) -> dict[str, Any]:
     """The device the plan targets and its defaults: memory budget, widths, precision, training time."""
     cuda = torch.cuda.is_available()
     if cuda:
         properties = torch.cuda.get_device_properties(0)
         memory = min(float(plan_cfg.gpu_memory_fraction) * properties.total_memory, float(plan_cfg.gpu_memory_cap_gb) * 2**30)
-        bf16 = torch.cuda.is_bf16_supported()
-        name, precision = f"{properties.name} (cuda)", "bf16-mixed" if bf16 else "16-mixed"
+        name, precision = f"{properties.name} (cuda)", cuda_precision()
     else:
         memory = float(plan_cfg.cpu_memory_gb) * 2**30
-        bf16 = cpu_supports_bf16()
-        name, precision = f"CPU ({torch.get_num_threads()} threads)", "bf16-mixed" if bf16 else "32-true"
+        name, precision = f"CPU ({torch.get_num_threads()} threads)", "bf16-mixed" if medseg.precision.cpu_supports_bf16() else "32-true"
     minutes = plan_cfg.train_minutes
     if minutes == "auto":
         minutes = None if cuda else float(plan_cfg.cpu_train_minutes)

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from medseg.build import build_model, instantiate_group
+from medseg.build import build_model, build_trainer
 from medseg.checkpoint_io import AtomicCheckpointIO, update_checkpoint
 from medseg.config import check_required
 from medseg.data.layouts import DATA_HELP
-from medseg.distributed import on_rank_zero, resume_checkpoint
+from medseg.distributed import on_rank_zero, process_rank, resume_checkpoint
 from medseg.final_evaluation import FinalEvaluation, evaluate_cases
 from medseg.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from medseg.module import SegmentationModule
@@ -42,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    if rank_zero_only.rank == 0:
+    if process_rank(devices_per_node=cfg.trainer.get("devices")) == 0:
         # Generate demo data, check the dataset and build the preprocessing cache now, before Lightning starts
         # other processes, so that a broken dataset ends the run with one message (Lightning calls it again).
         datamodule.prepare_data()
@@ -51,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # process group forms, so that a long first build never runs into the group's timeout.
         datamodule.prepare_cache(progress=False)
     model = build_model(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
+    trainer: L.Trainer = build_trainer(cfg)  # trainer.precision: auto resolved for this device, then saved
     save_config(cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir))

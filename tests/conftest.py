@@ -51,9 +51,9 @@ def preprocessing_cache(tmp_path_factory) -> Path:
 def cpu_without_bf16(monkeypatch) -> None:
     """Every test plans as on a CPU without bf16 (the planner's one reading of the CPU model), so that no test's
     outcome depends on the machine it runs on; tests of the bf16 choice patch it back."""
-    import medseg.plan
+    import medseg.precision
 
-    monkeypatch.setattr(medseg.plan, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(medseg.precision, "cpu_supports_bf16", lambda: False)
 
 
 @pytest.fixture(scope="session")

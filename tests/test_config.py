@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from medseg.build import build_model, instantiate_group
+from medseg.build import build_model, build_trainer
 from medseg.config import CONFIG_DIR, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -98,8 +98,7 @@ def test_the_trainer_defaults_are_lightnings_where_the_project_sets_none():
 def test_any_trainer_argument_is_set_without_plus(tmp_path):
     overrides = ["trainer=cpu", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0.5", "trainer.max_steps=3", "trainer.enable_model_summary=false"]
     cfg = compose("train", [*overrides, f"paths.output_dir={tmp_path}", "data.root=/x"])
-    # instantiated as medseg.train does: callbacks and loggers from their groups
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")))
+    trainer = build_trainer(cfg)  # as medseg.train builds it: callbacks and loggers from their groups
     assert (trainer.limit_train_batches, trainer.limit_val_batches, trainer.max_steps, trainer.max_epochs) == (2, 0.5, 3, cfg.trainer.max_epochs)
     assert len(trainer.loggers) == 2 and sum(type(c).__name__ == "ModelCheckpoint" for c in trainer.callbacks) == 2
 

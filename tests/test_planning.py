@@ -247,7 +247,7 @@ def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch, bf16, exp
 
     if torch.cuda.is_available():
         pytest.skip("plans for the GPU here; this checks the CPU choice")
-    monkeypatch.setattr(medseg.plan, "cpu_supports_bf16", lambda: bf16)
+    monkeypatch.setattr(medseg.precision, "cpu_supports_bf16", lambda: bf16)
     cfg = compose("plan", ["data.root=unused", "plan.output=unused"])
     assert medseg.plan.device_profile(cfg.plan)["precision"] == expected
 

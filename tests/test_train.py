@@ -76,6 +76,8 @@ def test_training_smoke(brats_tree, tmp_path):
     # Checkpoints load safely (weights only) and carry the resolved config for prediction.
     checkpoint = torch.load(best[0], weights_only=True, map_location="cpu")
     assert checkpoint["medseg_config"]["data"]["labels"]["names"] == ["wt", "tc", "et"]
+    # trainer.precision: auto, recorded as what it resolved to on this CPU (float32 whatever the CPU model)
+    assert checkpoint["medseg_config"]["trainer"]["precision"] == "32-true" and "precision: 32-true" in (tmp_path / "config.yaml").read_text()
 
 
 def test_resume_continues_from_checkpoint(brats_tree, tmp_path):

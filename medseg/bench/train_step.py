@@ -39,7 +39,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import Tensor
@@ -47,7 +46,7 @@ from torch import Tensor
 from medseg.bench.report import BenchResult, Contender, Figure, Goal
 from medseg.bench.timing import PeakMemory, Timing, clock
 from medseg.bench.workload import BenchOptions, ReferenceStep, compose_config, patch_override, random_batch
-from medseg.build import build_model, instantiate_group
+from medseg.build import build_model, build_trainer, instantiate_group
 
 NAME = "train_step"
 GOAL = Goal("<=", 1.05)  # issue 8: Lightning costs at most 5% over a hand-written loop
@@ -187,7 +186,7 @@ def compare(cfg: DictConfig, batch: dict[str, Tensor], options: BenchOptions, wa
     else:
         extra = {"callbacks": [timer], "logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
     with quiet_lightning():
-        trainer: L.Trainer = instantiate(cfg.trainer, **trainer_kwargs(options, steps), **extra)
+        trainer: L.Trainer = build_trainer(cfg, **trainer_kwargs(options, steps), **extra)
         trainer.fit(module, train_dataloaders=RepeatedBatch(batch, steps))
     if len(timer.iteration_s) != repeats:
         raise RuntimeError(f"expected {repeats} timed Lightning steps, got {len(timer.iteration_s)} (did the fit stop early?)")

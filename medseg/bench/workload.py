@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from medseg.config import compose
+from medseg.precision import resolve_precision
 
 # Generated datasets are cached here between runs (the generator reuses a folder made with the same
 # parameters); never inside the repository.
@@ -148,7 +149,8 @@ class ReferenceStep:
         net = net.to(batch["image"].device)
         loss = instantiate(cfg.loss).to(batch["image"].device)
         optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-        return cls(net, loss, optimizer, batch, str(cfg.trainer.precision), cfg.trainer.get("gradient_clip_val"))
+        precision = resolve_precision(cfg.trainer.precision, "cuda" if batch["image"].device.type == "cuda" else "cpu")
+        return cls(net, loss, optimizer, batch, precision, cfg.trainer.get("gradient_clip_val"))
 
     def __call__(self) -> Tensor:
         """One step; returns the loss, detached and left on the device (no synchronisation)."""
