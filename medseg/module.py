@@ -15,7 +15,9 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
+from medseg.data.datasets import PADDING
 from medseg.data.labels import LabelSpec
 from medseg.metrics.lesion import LesionMetrics
 from medseg.metrics.operating_point import CRITERIA
@@ -135,6 +137,9 @@ class SegmentationModule(L.LightningModule):
         self.inferer = inferer
         names = self.label_spec.names
         self.metrics = nn.ModuleDict({"val": OverlapMetrics(names, empty_score=empty_score)})
+        # The validation loss as a metric state (a sum and a count, synced by every process at compute), not through
+        # self.log(sync_dist=True), which syncs only on processes that logged it: one without a case would hang.
+        self.val_loss = MeanMetric(nan_strategy="disable")
         self.lesion_options = {**(lesion_metrics or {}), "empty_score": empty_score}
         self.lesion_metrics = nn.ModuleDict({"val": nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names})}) if lesion_metrics else None
         # What turns probabilities into masks for scoring and prediction; replaced by the tuned point.
@@ -252,11 +257,14 @@ class SegmentationModule(L.LightningModule):
         return "; ".join(named) or "non-finite gradients with a finite loss"
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Score one preprocessed validation volume at :attr:`postprocessing` (the per-epoch validation)."""
+        """Score one preprocessed validation volume at :attr:`postprocessing` (the per-epoch validation). A padding
+        item (:data:`medseg.data.datasets.PADDING_INDEX`: a process with fewer cases than the others) scores nothing."""
+        if PADDING in batch and bool(torch.as_tensor(batch[PADDING]).any()):
+            return
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
         logits = self.predict_volume(image)
         target = target.to(logits.device)  # stitched on the CPU when the GPU ran out of memory
-        self.log("val/loss", self.loss(logits, target), on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        self.val_loss.update(self.loss(logits, target).detach().to(self.val_loss.device), image.shape[0])
         truth = target_channels(target, self.mode, logits.shape[1])
         spacing = batch.get("spacing")  # (B, 3) mm
         pred = self.masks(logits, spacing)  # (B, R, H, W, D) bool
@@ -280,6 +288,8 @@ class SegmentationModule(L.LightningModule):
         # compute() already reduces across processes (torchmetrics sync), so no sync_dist here.
         values = self.metrics["val"].compute()
         logged = {f"val/{k}": v for k, v in values.items()}
+        logged["val/loss"] = self.val_loss.compute().float()
+        self.val_loss.reset()
         if self.lesion_metrics is not None:
             for name, metric in self.lesion_metrics["val"].items():
                 lesion = metric.compute()

@@ -113,13 +113,18 @@ def test_two_process_ddp_matches_single_process(brats_tree, tmp_path):
         assert float(written["lesion_f1"]) == pytest.approx(row["lesion_f1"], abs=1e-6)
 
 
-def test_torchrun_processes_share_one_run_folder(brats_tree, tmp_path):
+def test_torchrun_processes_share_one_run_folder_and_validate_one_case_on_two(brats_tree, tmp_path):
+    # data.val_fraction=0.1 of 6 cases: 1 validation case for 2 processes (rank 1 runs a padding step)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medseg.train",
-               *tiny(brats_tree, tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1", "evaluate_best=false")]  # fmt: skip
+               *tiny(brats_tree, tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", "evaluate_best=false", "data.val_fraction=0.1")]  # fmt: skip
     output = run(command, tmp_path, environment())
     (folder,) = run_folders(tmp_path)  # no hydra.run.dir given: both workers chose the same folder
-    assert (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "split.json").is_file()
+    assert (folder / "checkpoints" / "last.ckpt").is_file() and len(json.loads((folder / "split.json").read_text())["val"]) == 1
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    validated = [r for r in csv.DictReader((folder / "csv" / "metrics.csv").open()) if r.get("val/dice")]
+    assert len(validated) == 2  # every epoch validated, the loss and scores of the one case
+    for row in validated:
+        assert 0.0 <= float(row["val/dice"]) <= 1.0 and float(row["val/loss"]) > 0.0
 
 
 def slurm(tmp_path: Path, tasks: int, **extra: str) -> dict[str, str]:

@@ -12,16 +12,16 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from monai.data import DataLoader, MetaTensor
-from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.transforms import Compose
 from torch.utils.data import Dataset, DistributedSampler
 
 from medseg.data.cache import BuildSummary, CaseCache, CasePreprocessor
 from medseg.data.check import check_before_training
-from medseg.data.datasets import CACHE_MODES, CaseStore, DiskStore, FreshStore, MemoryStore, PatchDataset, VolumeDataset
+from medseg.data.datasets import CACHE_MODES, CaseStore, DiskStore, EvenShards, FreshStore, MemoryStore, PatchDataset, VolumeDataset
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import CaseRecord, find_cases, get_layout
 from medseg.data.sampling import IndexOptions
+from medseg.data.streams import SeedStreams
 from medseg.data.transforms import DEFAULT_CT_WINDOW, check_intensity, patches_from_config, preprocessing, preprocessing_options
 from medseg.io import write_json_atomic
 
@@ -112,6 +112,8 @@ class SegmentationDataModule(L.LightningDataModule):
         sampling: the ``data.sampling`` node (:class:`medseg.data.sampling.IndexOptions`).
         val_fraction: fraction of cases held out for validation (when ``fold`` is ``None``).
         seed: seed of the split.
+        run_seed: seed of the training case order and of the patch and augmentation streams, one per process and
+            DataLoader worker (:mod:`medseg.data.streams`); ``None``: the process's torch seed.
         fold: ``None`` for the seeded ``val_fraction`` split, or the cross-validation fold held out for
             validation, in [0, ``num_folds``) (see :func:`split_cases`).
         num_folds: number of cross-validation folds (used only with ``fold``).
@@ -145,6 +147,7 @@ class SegmentationDataModule(L.LightningDataModule):
         sampling: Mapping[str, Any] | None = None,
         val_fraction: float = 0.2,
         seed: int = 42,
+        run_seed: int | None = None,
         fold: int | None = None,
         num_folds: int | None = None,
         spacing: Sequence[float] | None = None,
@@ -186,6 +189,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.preprocess_workers = preprocess_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        self.run_seed = int(run_seed) if run_seed is not None else None
         self.fold = fold
         self.num_folds = num_folds
         # plain lists, ct_zscore only when set: hashed into the cache key (medseg.build reads the same from a data node)
@@ -303,12 +307,11 @@ class SegmentationDataModule(L.LightningDataModule):
         return preprocessing(self.label_spec, with_label=True, **self.preprocess_options)
 
     def train_dataset(self) -> PatchDataset:
-        """Training patches (preprocessed cases from the store, patch positions and augmentation random)."""
+        """Training patches (preprocessed cases from the store, patch positions and augmentation random; seeded per
+        process and worker by :meth:`train_dataloader`)."""
         if self._train_dataset is None:
             sampler, augment = patches_from_config(self.patch_size, self.label_spec, self.augment)
             self._train_dataset = PatchDataset(self.train_cases, self.store(), sampler, augment, self.samples_per_volume)
-            # From the run's seed (torch's, set by seed_everything); DataLoader workers reseed it per worker.
-            self._train_dataset.set_random_state(torch.initial_seed() % 2**31)
         return self._train_dataset
 
     def val_dataset(self) -> VolumeDataset:
@@ -326,10 +329,15 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world = self._world()
+        rank = world[0] if world else 0
+        seed = self.run_seed if self.run_seed is not None else torch.initial_seed() % 2**63
+        # Its own stream of patches and augmentations for every process and worker, from (run seed, rank, worker,
+        # epoch at which the loader starts: a resumed run does not replay epoch 0's stream).
+        streams = SeedStreams(seed, rank, self.trainer.current_epoch if self.trainer is not None else 0)
         # Under DDP (with the trainer's use_distributed_sampler=false, see conf/trainer/ddp.yaml) each process
-        # draws its share of the shuffled cases; Lightning calls set_epoch so every epoch reshuffles.
-        sampler = DistributedSampler(self.train_dataset(), num_replicas=world[1], rank=world[0], shuffle=True, seed=self.seed) if world else None
-        return DataLoader(
+        # draws its share of the shuffled cases, in the run seed's order; Lightning calls set_epoch every epoch.
+        sampler = DistributedSampler(self.train_dataset(), num_replicas=world[1], rank=world[0], shuffle=True, seed=seed) if world else None
+        loader = DataLoader(
             self.train_dataset(),
             batch_size=self.batch_size,
             shuffle=sampler is None,
@@ -337,15 +345,21 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=streams,
+            generator=torch.Generator().manual_seed(streams.seed_of(0)),  # the single-process shuffle
         )
+        if self.num_workers == 0:  # the loader is the process itself (MONAI's DataLoader seeded it from torch's state)
+            streams.seed_dataset(self.train_dataset(), worker=0)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_cases:
             return []
         world = self._world()
-        # Every validation case exactly once across processes: torch's DistributedSampler would pad the last
-        # shard with repeated cases and bias the metrics; MONAI's with even_divisible=False does not.
-        sampler = MonaiDistributedSampler(self.val_dataset(), even_divisible=False, num_replicas=world[1], rank=world[0], shuffle=False) if world else None
+        # Every validation case exactly once across processes (torch's DistributedSampler would repeat cases and bias
+        # the metrics), and the same number of steps on every process, padded with items that score nothing
+        # (MONAI's even_divisible=False sampler refuses fewer cases than processes, and uneven step counts hang).
+        sampler = EvenShards(len(self.val_cases), num_replicas=world[1], rank=world[0]) if world else None
         # Whole volumes of different sizes: one per batch, sliding-window inference in the module.
         return DataLoader(self.val_dataset(), batch_size=1, sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 

@@ -10,7 +10,8 @@ Where the preprocessed cases come from is a *store* (``data.cache``):
 
 Items carry plain tensors (no MONAI metadata): ``image`` ``(C, H, W, D)`` float32, ``label``
 ``(R, H, W, D)`` float32 (multi-hot, or ``(1, H, W, D)`` class indices), ``case`` (its id) and ``spacing``
-``(3,)`` float32 in mm.
+``(3,)`` float32 in mm. Validation items also carry ``padding`` (bool): :class:`EvenShards` gives every process
+the same number of validation steps, the missing ones as :data:`PADDING_INDEX` items that score nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Randomizable
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from medseg.data.cache import CaseCache, CasePreprocessor, PreprocessedCase
 from medseg.data.layouts import CaseRecord
@@ -119,8 +120,31 @@ class PatchDataset(Dataset, Randomizable):
         return patches
 
 
+PADDING = "padding"  # the item key saying a validation item is padding (no case)
+PADDING_INDEX = -1  # the index :class:`EvenShards` pads with
+
+
+class EvenShards(Sampler[int]):
+    """Validation cases ``rank, rank + W, ...`` of ``n`` (each case once over all ``W`` processes), padded with
+    :data:`PADDING_INDEX` to ``ceil(n / W)`` items, so that every process runs the same number of validation steps
+    and meets the same collectives, even with fewer cases than processes (a process without a case runs only
+    padding steps, which score nothing). No case is repeated, so the metrics are those of one process."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"expected 0 <= rank < num_replicas, got rank {rank} of {num_replicas}")
+        self.n, self.num_replicas, self.rank = int(n), int(num_replicas), int(rank)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.num_replicas)
+
+    def __iter__(self):
+        mine = list(range(self.rank, self.n, self.num_replicas))
+        return iter(mine + [PADDING_INDEX] * (len(self) - len(mine)))
+
+
 class VolumeDataset(Dataset):
-    """Whole preprocessed cases (validation, test), one per item."""
+    """Whole preprocessed cases (validation, test), one per item; :data:`PADDING_INDEX` gives a padding item."""
 
     def __init__(self, records: Sequence[CaseRecord], store: CaseStore) -> None:
         self.records = list(records)
@@ -130,5 +154,8 @@ class VolumeDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if i == PADDING_INDEX:
+            empty = torch.zeros(1, 1, 1, 1)
+            return {IMAGE: empty, LABEL: empty.clone(), "case": "", "spacing": torch.ones(3), PADDING: True}
         case = self.store.load(self.records[i])
-        return _item(case, np.array(case.image), np.array(case.label))
+        return {**_item(case, np.array(case.image), np.array(case.label)), PADDING: False}

@@ -14,7 +14,7 @@ cases out of the averages instead (the nnU-Net convention).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -131,6 +131,13 @@ class OverlapMetrics(Metric):
             raise ValueError(f"expected {len(self.names)} channels ({', '.join(self.names)}), got {pred.shape[1]}")
         self.last_counts = confusion_counts(pred, target)
         self.counts.append(self.last_counts.to(self.device))  # inputs stitched on the CPU join the states' device
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        # A process that saw no case (fewer validation cases than processes) sends an empty (0, C, 3) float64 state,
+        # shaped as the others', instead of torchmetrics' 1-D float32 empty tensor, which the gather cannot join.
+        if isinstance(self.counts, list) and not self.counts:
+            self.counts.append(torch.zeros(0, len(self.names), 3, dtype=torch.float64, device=self.device))
+        super().sync(*args, **kwargs)
 
     def per_case(self) -> dict[str, Tensor]:
         """Scores of every case seen so far, each ``(N, C)``."""
