@@ -80,3 +80,40 @@ def test_wrong_channel_count_is_reported(msd_tree, tmp_path):
     dm = make_datamodule(msd_tree, tmp_path, layout="msd", in_channels=4)
     with pytest.raises(ValueError, match=r"expected 4 image files"):
         dm.setup("fit")
+
+
+def rank_streams(root, tmp_path, rank, run_seed=7, epoch=0):
+    """What process ``rank`` of 2 draws: its case order and the first draws of its patch and augmentation streams."""
+    from types import SimpleNamespace
+
+    dm = make_datamodule(root, tmp_path, run_seed=run_seed)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=epoch, is_global_zero=rank == 0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    dataset = dm.train_dataset()
+    order = []
+    for shuffle in (0, 1):
+        loader.sampler.set_epoch(shuffle)
+        order.append([dm.train_cases[i]["case"] for i in loader.sampler])
+    return order, dataset.sampler.R.randint(2**31, size=4).tolist(), dataset.augment.R.randint(2**31, size=4).tolist()
+
+
+def test_each_process_draws_its_own_reproducible_stream(brats_tree, tmp_path):
+    first = rank_streams(brats_tree, tmp_path, rank=0)
+    assert rank_streams(brats_tree, tmp_path, rank=0) == first  # the same seed reproduces it
+    other = rank_streams(brats_tree, tmp_path, rank=1)
+    assert other[1] != first[1] and other[2] != first[2]  # another process: other patches and augmentations
+    resumed = rank_streams(brats_tree, tmp_path, rank=0, epoch=3)
+    assert resumed[1] != first[1]  # a run resumed at epoch 3 does not replay epoch 0's stream
+    # the run's seed (not the split's) orders the cases: some other seed orders them differently
+    assert any(rank_streams(brats_tree, tmp_path, rank=0, run_seed=s)[0] != first[0] for s in (8, 9, 10))
+
+
+def test_every_process_and_worker_has_a_distinct_stream():
+    import pickle
+
+    from medseg.data.streams import SeedStreams
+
+    seeds = {SeedStreams(7, rank).seed_of(worker) for rank in range(8) for worker in range(4)}
+    assert len(seeds) == 32
+    assert pickle.loads(pickle.dumps(SeedStreams(7, 1, 2))).seed_of(3) == SeedStreams(7, 1, 2).seed_of(3)  # spawned workers
