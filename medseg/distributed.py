@@ -146,7 +146,7 @@ def rank_suffix(devices_per_node: Any = None) -> str:
     return f"_rank{rank}" if rank else ""
 
 
-def _process_start(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
     """Start time (epoch seconds) of a process, from ``/proc`` (Linux); ``None`` where unavailable."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -170,7 +170,7 @@ def run_id(env: Mapping[str, str] | None = None) -> str:
         if env["TORCHELASTIC_RUN_ID"] not in ("", "none"):
             return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
         agent = os.getppid()  # local workers are children of one torchrun agent
-        started = _process_start(agent)
+        started = process_start_time(agent)
         return time.strftime(TIME_FORMAT, time.localtime(started)) if started is not None else f"torchrun-{agent}"
     return time.strftime(TIME_FORMAT)
 

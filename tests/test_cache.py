@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -385,3 +387,68 @@ def test_preprocess_command_builds_the_cache_training_reuses(brats_tree, tmp_pat
     result = subprocess.run([sys.executable, "-m", "medseg.data.preprocess", "+experiment=brats"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 1 and "data.root" in result.stdout + result.stderr
     assert not (tmp_path / "outputs").exists()  # no run folder, no log file
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_file_system_without_flock_builds_under_a_lock_file(brats_tree, tmp_path, monkeypatch):
+    import errno
+
+    import medseg.folderlock
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted without flock
+
+    monkeypatch.setattr(medseg.folderlock.fcntl, "flock", no_flock)
+    dm = make_datamodule(brats_tree, tmp_path / "cache")
+    # a lock file left by a killed build on this host: its process is gone, so it is broken
+    dm.case_cache.folder.mkdir(parents=True)
+    (dm.case_cache.folder / ".lock.owner").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "started": 0.0}))
+    summary = dm.prepare_cache(progress=False)
+    assert summary.built == 6 and dm.case_cache.stale(dm.find_cases()) == []
+    assert not [p.name for p in dm.case_cache.folder.iterdir() if p.name.startswith(".lock.owner")]
+
+
+def test_a_lock_file_of_another_host_is_waited_for_until_its_heartbeat_stops(tmp_path):
+    import time
+
+    from medseg.folderlock import _lock_file
+
+    path = tmp_path / ".lock.owner"
+    path.write_text(json.dumps({"host": "another-node", "pid": 1, "started": 0.0, "token": "x"}))
+    start = time.monotonic()
+    with _lock_file(path, stale_after_s=1.0, poll_s=0.05, what="test"):
+        waited = time.monotonic() - start
+        assert json.loads(path.read_text())["host"] == socket.gethostname()
+    assert 0.5 <= waited < 30 and not path.exists()
+
+
+def test_the_leftover_sweep_removes_only_builds_whose_owner_is_gone(brats_tree, tmp_path):
+    import time
+
+    import medseg.data.cache as cache_module
+
+    dm = make_datamodule(brats_tree, tmp_path / "cache")
+    dm.prepare_cache(progress=False)
+    cache, records = dm.case_cache, dm.find_cases()
+    host, old = cache_module._HOST_TAG, time.time() - 2 * cache_module.LEFTOVER_MAX_AGE_S
+    leftovers = {
+        f".tmp-a-{host}-{os.getpid()}-00000001": True,  # a build running in a live process of this host
+        f".tmp-b-{host}-{_dead_pid()}-00000002": False,  # a killed build of this host
+        ".tmp-c-0badc0de-4242-00000003": True,  # another node's build, recent: it may be running (node-local locks)
+        ".tmp-d-0badc0de-4242-00000004": False,  # another node's build untouched for 2 hours
+        ".trash-e-00000005": True,  # a name of an older version, recent
+    }
+    for name, kept in leftovers.items():
+        (cache.folder / name).mkdir()
+        (cache.folder / name / "image.npy").write_bytes(b"partial")
+        if name.startswith(".tmp-d"):
+            for p in (cache.folder / name / "image.npy", cache.folder / name):
+                os.utime(p, (old, old))
+    shutil.rmtree(cache.entry(str(records[0]["case"])))  # one entry to build: the sweep runs under the lock
+    dm.prepare_cache(progress=False)
+    assert sorted(p.name for p in cache.folder.iterdir() if p.name.startswith((".tmp-", ".trash-"))) == sorted(n for n, kept in leftovers.items() if kept)

@@ -26,7 +26,6 @@ is what the GPUs wait for (README, "Performance").
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,12 +33,13 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from medseg.data.labels import LabelSpec
 from medseg.data.layouts import CaseRecord, DatasetError, get_layout
 from medseg.data.sampling import IndexOptions, build_sampling_index
 from medseg.data.transforms import IMAGE, LABEL, preprocessing
+from medseg.folderlock import folder_lock, owner_is_gone, server_now
 from medseg.io import atomic_path
 
 log = logging.getLogger("medseg")
@@ -60,6 +61,9 @@ IMAGE_FILE, LABEL_FILE, INDEX_FILE, META_FILE = "image.npy", "label.npy", "index
 ARRAY_FILES = (IMAGE_FILE, LABEL_FILE)
 LOCK_FILE, OPTIONS_FILE = ".lock", "options.json"
 _LEFTOVER_PREFIXES = (".tmp-", ".trash-")
+# A temporary folder of another host (or of an unknown owner) untouched this long is a killed build's leftover.
+LEFTOVER_MAX_AGE_S = 3600.0
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
 @dataclass
@@ -282,7 +286,7 @@ class CaseCache:
     def write_entry(self, case: PreprocessedCase, source: list[list[Any]]) -> None:
         """Write one entry atomically: into a temporary folder, then renamed into place."""
         final = self.entry(case.case)
-        tmp = self.folder / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.folder / _leftover_name(".tmp-", final.name)
         tmp.mkdir(parents=True)
         try:
             arrays = {IMAGE_FILE: case.image, LABEL_FILE: case.label}
@@ -295,9 +299,17 @@ class CaseCache:
             _write_synced(tmp / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
             trash = None
             if final.exists():  # a damaged or outdated entry: move it aside, then swap in the new one
-                trash = self.folder / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
-                os.rename(final, trash)
-            os.rename(tmp, final)
+                trash = self.folder / _leftover_name(".trash-", final.name)
+                try:
+                    os.rename(final, trash)
+                except FileNotFoundError:  # another builder (node-local locks) moved it first
+                    trash = None
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another builder placed the same entry meanwhile: keep theirs
             _fsync_dir(self.folder)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
@@ -331,24 +343,23 @@ class CaseCache:
         return sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file())
 
     # ------------------------------------------------------------------------------------------------- internals
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        """An exclusive lock on the cache folder, held while building (released if the process dies)."""
-        with open(self.folder / LOCK_FILE, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("Waiting for another process building the cache %s", self.folder)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock(self) -> AbstractContextManager[None]:
+        """An exclusive lock on the cache folder, held while building (:func:`medseg.folderlock.folder_lock`: flock,
+        or a lock file on file systems without it)."""
+        return folder_lock(self.folder, LOCK_FILE, what="building the cache")
 
     def _remove_leftovers(self) -> None:
-        """Temporary folders of builds that were killed (only called under the lock, when no build runs)."""
+        """Temporary folders of builds that were killed: those of a process of this host that has ended, and any
+        untouched for :data:`LEFTOVER_MAX_AGE_S` (another node's build may be running: node-local locks)."""
+        now = server_now(self.folder)
         for path in self.folder.iterdir():
-            if path.name.startswith(_LEFTOVER_PREFIXES):
+            if not path.name.startswith(_LEFTOVER_PREFIXES):
+                continue
+            try:
+                modified = max([path.stat().st_mtime, *(f.stat().st_mtime for f in path.iterdir())])
+            except OSError:
+                continue  # renamed or removed meanwhile
+            if owner_is_gone(_leftover_owner(path.name), modified, now, LEFTOVER_MAX_AGE_S):
                 shutil.rmtree(path, ignore_errors=True)
 
     def _write_options(self) -> None:
@@ -409,3 +420,17 @@ def _init_worker(folder: Path, preprocessor: CasePreprocessor) -> None:
 
 def _build_in_worker(record: CaseRecord) -> None:
     _build_entry(_WORKER["cache"], _WORKER["preprocessor"], record)
+
+
+def _leftover_name(prefix: str, entry: str) -> str:
+    """``<prefix><entry>-<host tag>-<pid>-<random>``: a temporary folder that says whose it is."""
+    return f"{prefix}{entry}-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _leftover_owner(name: str) -> dict[str, Any] | None:
+    """The owner (host, pid) a temporary folder's name records, ``None`` for names of older versions."""
+    parts = name.rsplit("-", 3)
+    if len(parts) != 4 or not parts[2].isdigit():
+        return None
+    host = socket.gethostname() if parts[1] == _HOST_TAG else f"other host {parts[1]}"
+    return {"host": host, "pid": int(parts[2]), "started": None}
