@@ -50,13 +50,13 @@ def test_every_case_is_predicted_out_of_fold_once_and_the_point_tuned_once(cross
 
 
 def test_finished_folds_are_reused_and_a_killed_fold_resumes(crossval_run, brats_tree, monkeypatch):
-    import medseg.train
+    import medseg.training
     from medseg.crossvalidation import crossval
 
     cv, summary = crossval_run
     trained = []
-    original = medseg.train.train
-    monkeypatch.setattr(medseg.train, "train", lambda cfg: trained.append(int(cfg.data.fold)) or original(cfg))
+    original = medseg.training.train
+    monkeypatch.setattr(medseg.training, "train", lambda cfg: trained.append(int(cfg.data.fold)) or original(cfg))
     again = crossval(cv_config(brats_tree, cv))
     assert trained == [] and again["metrics"] == summary["metrics"]  # nothing trained, the same report
     last = cv / "fold_1" / "checkpoints" / "last.ckpt"
