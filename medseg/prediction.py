@@ -15,6 +15,7 @@ file or error, in the input's order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -486,24 +487,79 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         in_channels=data_cfg.get("in_channels"),
         inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
     )
+    checkpoints = [str(p.resolve()) for p in resolve_checkpoints(cfg.ckpt_path)]
+    made_by = {
+        "checkpoint": checkpoints if isinstance(model, EnsembleModel) else checkpoints[0],
+        "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities,
+                    "inferer": {k: v for k, v in dict(model.inferer).items() if k not in ("device", "sw_device")}},
+    }  # fmt: skip
+    inputs = {str(c["case"]): [str(f) for f in c["image"]] for c in cases}
+    finished = resume_or_refuse(output, made_by, inputs, bool(cfg.get("overwrite", False)), options.save_probabilities)
+    summary = {**made_by, "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input), "device": str(device), "complete": False, "failed": 0, "cases": []}
+    todo = [c for c in cases if str(c["case"]) not in finished]
     output.mkdir(parents=True, exist_ok=True)
-    log.info("Predicting %d case(s) with %s on %s into %s", len(cases), cfg.ckpt_path, device, output)
-    results: list[dict[str, Any]] = []
+    if finished:
+        log.info("%d of %d case(s) already predicted into %s by the same checkpoint and options: kept (overwrite=true predicts them again)", len(cases) - len(todo), len(cases), output)
+    log.info("Predicting %d case(s) with %s on %s into %s", len(todo), cfg.ckpt_path, device, output)
+    results: dict[str, dict[str, Any]] = {str(c["case"]): finished[str(c["case"])] for c in cases if str(c["case"]) in finished}
+
+    def record(complete: bool) -> None:  # after every case: a killed run says what it finished
+        entries = [results[str(c["case"])] for c in cases if str(c["case"]) in results]
+        write_json_atomic(output / SUMMARY_NAME, {**summary, "complete": complete, "failed": sum("error" in r for r in entries), "cases": entries})
+
     with logging_redirect_tqdm(loggers=[log]):
-        progress = tqdm(predict_cases(cases, model, transform, spec, options, cfg.prefetch), total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
+        progress = tqdm(predict_cases(todo, model, transform, spec, options, cfg.prefetch), total=len(todo), desc="predict", unit="case", dynamic_ncols=True)
         for result in progress:
-            results.append(result)
-            progress.set_postfix(failed=sum("error" in r for r in results))
-    summary = {
-        "checkpoint": [str(p) for p in resolve_checkpoints(cfg.ckpt_path)] if isinstance(model, EnsembleModel) else str(resolve_checkpoints(cfg.ckpt_path)[0].resolve()),
-        "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input),
-        "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "device": str(device), "inferer": dict(model.inferer)},
-        "failed": sum("error" in r for r in results),
-        "cases": results,
-    }
-    write_json_atomic(output / SUMMARY_NAME, summary)
-    log.info("%d of %d case(s) predicted into %s (%s)", len(results) - summary["failed"], len(results), output, SUMMARY_NAME)
-    return results
+            results[str(result["case"])] = {**result, "image": inputs[str(result["case"])]}
+            record(complete=False)
+            progress.set_postfix(failed=sum("error" in r for r in results.values()))
+    record(complete=True)
+    ordered = [results[str(c["case"])] for c in cases]
+    failed = sum("error" in r for r in ordered)
+    log.info("%d of %d case(s) predicted into %s (%s)", len(ordered) - failed, len(ordered), output, SUMMARY_NAME)
+    return ordered
+
+
+def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, list[str]], overwrite: bool, save_probabilities: bool) -> dict[str, dict[str, Any]]:
+    """What an output folder already holds, before a prediction run writes into it.
+
+    Returns the entries of cases already predicted there by the same checkpoint(s) and options (``made_by``) from the
+    same image files (``inputs``: case id -> its files), whose files are all present: the run keeps them. With ``overwrite``: nothing kept, and the files an earlier record
+    lists are removed first (no stale predictions of another checkpoint are left beside the new ones).
+
+    Raises:
+        ConfigError: without ``overwrite``, the folder holds predictions of other checkpoints or options, or label
+            files no ``predictions.json`` accounts for.
+    """
+    record_path = output / SUMMARY_NAME
+    if not output.is_dir():
+        return {}
+    if not record_path.is_file():
+        unknown = sorted(p.name for p in output.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+        if unknown and not overwrite:
+            raise ConfigError(f"output {output} already holds {len(unknown)} NIfTI file(s) ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) and no {SUMMARY_NAME} saying what made them: choose another output folder, or overwrite=true to replace those of the same names")
+        return {}
+    try:
+        earlier = json.loads(record_path.read_text())
+        entries = list(earlier["cases"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{record_path}: unreadable ({type(err).__name__}: {err}); remove it or pass overwrite=true") from err
+    same = all(earlier.get(key) == made_by[key] for key in made_by)
+    if overwrite or not same:
+        if not overwrite:
+            raise ConfigError(f"output {output} holds predictions of {earlier.get('checkpoint')} with other options than this run's ({made_by['checkpoint']}; {SUMMARY_NAME} records them): choose another output folder, or overwrite=true to replace them")
+        for entry in entries:  # the earlier run's files in this folder go, so that none is left beside the new ones
+            for key, folder in (("prediction", output), ("probabilities", output / PROBABILITY_DIR)):
+                if entry.get(key):
+                    (folder / Path(entry[key]).name).unlink(missing_ok=True)
+        record_path.unlink()
+        return {}
+    done = {}
+    for entry in entries:  # kept: cases predicted from the same image files, whose files are all there
+        files = [entry.get("prediction"), *([entry.get("probabilities")] if save_probabilities else [])]
+        if "error" not in entry and all(f and Path(f).is_file() for f in files) and entry.get("image") == inputs.get(str(entry["case"])):
+            done[str(entry["case"])] = entry
+    return done
 
 
 def prediction_flips(tta: bool | None, model: SegmentationModule, train_cfg: DictConfig) -> tuple[int, ...]:

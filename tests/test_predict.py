@@ -603,3 +603,50 @@ def test_predict_uses_the_flips_the_point_was_tuned_with_unless_told_otherwise()
     model.postprocessing.tta_flip_axes = ()
     config.model.tta_flip_axes = []
     assert prediction_flips(None, model, config) == () and prediction_flips(True, model, config) == (0, 1, 2)
+
+
+def test_a_killed_run_continues_where_it_stopped_and_other_checkpoints_are_refused(brats_tree, demo_checkpoint, tmp_path, monkeypatch):
+    import medseg.prediction as prediction
+
+    names, out, written = [f"SYN-000{i}" for i in range(6)], tmp_path / "out", []
+    real_write = prediction.write_case
+
+    def write(*args, **kwargs):
+        written.append(args[0].record["case"])
+        if len(written) == 3 and kill:
+            raise KeyboardInterrupt  # killed while writing the third case
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "write_case", write)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        predict(predict_config(demo_checkpoint, brats_tree, out, "prefetch=0"))
+    record = json.loads((out / "predictions.json").read_text())
+    assert record["complete"] is False and [c["case"] for c in record["cases"]] == names[:2]  # it says what it finished
+
+    kill, written[:] = False, []
+    results = predict(predict_config(demo_checkpoint, brats_tree, out, "prefetch=0"))
+    assert written == names[2:]  # the finished cases were kept, not predicted again
+    record = json.loads((out / "predictions.json").read_text())
+    assert record["complete"] is True and [c["case"] for c in record["cases"]] == [r["case"] for r in results] == names
+    before = file_hashes(out)
+
+    other = untrained_checkpoint(tmp_path / "other.ckpt", "+experiment=demo", "data.root=unused", "data.synthetic=null", "data.patch_size=[32,32,32]")
+    with pytest.raises(ConfigError, match="overwrite=true"):  # predictions of another checkpoint: refused, nothing touched
+        predict(predict_config(other, brats_tree, out))
+    assert file_hashes(out) == before
+    with pytest.raises(ConfigError, match="overwrite=true"):  # other options (a size filter) count as another run too
+        predict(predict_config(demo_checkpoint, brats_tree, out, "min_component_mm3=5"))
+
+    predict(predict_config(other, brats_tree / names[0], out, "overwrite=true"))  # the earlier run's files go
+    assert sorted(p.name for p in out.iterdir()) == [f"{names[0]}.nii.gz", "predictions.json"]
+    assert json.loads((out / "predictions.json").read_text())["checkpoint"] == str(other.resolve())
+
+
+def test_an_output_folder_with_unaccounted_label_files_is_refused(brats_tree, demo_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "someone_else.nii.gz").write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match="no predictions.json"):
+        predict(predict_config(demo_checkpoint, brats_tree / "SYN-0000", out))
+    assert [p.name for p in out.iterdir()] == ["someone_else.nii.gz"]
