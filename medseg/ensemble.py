@@ -108,9 +108,9 @@ class EnsembleModel:
         for state in self.members:
             self.model.load_state_dict(state)
             probs = self.model.predict_probabilities(image, flip_axes)
-            total = probs.clone() if total is None else total.add_(probs)
+            total = probs if total is None else total.add_(probs.to(total.device))  # a member stitched elsewhere joins
             del probs
-        return total / len(self.members)
+        return total.div_(len(self.members)) if len(self.members) > 1 else total
 
     def to(self, device: torch.device | str) -> EnsembleModel:
         self.model.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -177,15 +178,21 @@ class SegmentationModule(L.LightningModule):
         ``inferer.device`` says (default: the same). A GPU that runs out of memory stitching a large volume gets
         the volume stitched on the CPU instead (the windows still run on the GPU), for the rest of the run.
         """
+        return self.with_memory_fallback(lambda: sliding_window_inference(image, predictor=self.forward, **self.inferer), f"stitching a {'x'.join(map(str, image.shape[2:]))} volume")
+
+    def with_memory_fallback(self, work: Callable[[], Tensor], what: str) -> Tensor:
+        """``work()``; if the GPU runs out of memory, ``work()`` again with volumes stitched on the CPU
+        (``model.inferer.device=cpu``, for the rest of the run). ``work`` must read :attr:`inferer` when it runs."""
         try:
-            return sliding_window_inference(image, predictor=self.forward, **self.inferer)
+            return work()
         except torch.OutOfMemoryError:
-            if str(self.inferer.get("device")) == "cpu":  # (a CPU out of memory raises a RuntimeError, not this)
+            if str(self.inferer.get("device")) == "cpu":  # nothing left to move (a CPU out of memory is a RuntimeError)
                 raise
-            torch.cuda.empty_cache()
-            log.warning("Out of GPU memory stitching a %s volume: stitching on the CPU from now on (model.inferer.device=cpu)", "x".join(map(str, image.shape[2:])))
-            self.inferer = {**self.inferer, "device": "cpu"}
-            return sliding_window_inference(image, predictor=self.forward, **self.inferer)
+        # Retried outside the except block: the failed attempt's tensors, which its traceback holds, are freed first.
+        torch.cuda.empty_cache()
+        log.warning("Out of GPU memory %s: stitching on the CPU from now on (model.inferer.device=cpu)", what)
+        self.inferer = {**self.inferer, "device": "cpu"}
+        return work()
 
     def predict_volume(self, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
         """Logits ``(B, C_out, H, W, D)`` for whole volumes ``(B, C_in, H, W, D)`` of any size, by sliding-window
@@ -197,8 +204,9 @@ class SegmentationModule(L.LightningModule):
 
     def predict_probabilities(self, image: Tensor, flip_axes: Sequence[int] = ()) -> Tensor:
         """Sigmoid or softmax probabilities ``(B, C_out, H, W, D)`` of whole volumes ``(B, C_in, H, W, D)``,
-        averaged over the flips of ``flip_axes`` (mirroring test-time augmentation) when given."""
-        return flip_averaged_probabilities(self.predict_volume, image, self.mode, flip_axes)
+        averaged over the flips of ``flip_axes`` (mirroring test-time augmentation) when given. Out of GPU memory
+        in any pass (stitching, activations, the running sum), every pass is done again stitched on the CPU."""
+        return self.with_memory_fallback(lambda: flip_averaged_probabilities(self.predict_volume, image, self.mode, flip_axes), "averaging test-time flips")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["label"]  # (B, C_in, *patch), (B, R, *patch)
@@ -263,15 +271,25 @@ class SegmentationModule(L.LightningModule):
             return
         image, target = batch["image"], batch["label"]  # (1, C_in, H, W, D), (1, R, H, W, D)
         logits = self.predict_volume(image)
-        target = target.to(logits.device)  # stitched on the CPU when the GPU ran out of memory
-        self.val_loss.update(self.loss(logits, target).detach().to(self.val_loss.device), image.shape[0])
-        truth = target_channels(target, self.mode, logits.shape[1])
         spacing = batch.get("spacing")  # (B, 3) mm
-        pred = self.masks(logits, spacing)  # (B, R, H, W, D) bool
+        try:
+            loss, pred, truth = self._score_volume(logits, target.to(logits.device), spacing)
+        except torch.OutOfMemoryError:  # the whole-volume loss and masks did not fit beside the logits
+            loss = None
+        if loss is None:  # outside the except block, so that the failed attempt's tensors are freed first
+            torch.cuda.empty_cache()
+            log.warning("Out of GPU memory scoring a %s validation volume: scoring it on the CPU", "x".join(map(str, image.shape[2:])))
+            loss, pred, truth = self._score_volume(logits.cpu(), target.cpu(), spacing, copy.deepcopy(self.loss).cpu())
+        self.val_loss.update(loss.detach().to(self.val_loss.device), image.shape[0])
         self.metrics["val"].update(pred, truth)
         if self.lesion_metrics is not None:
             for r, name in enumerate(self.label_spec.names):
                 self.lesion_metrics["val"][name].update(pred[:, r], truth[:, r], spacing=spacing)
+
+    def _score_volume(self, logits: Tensor, target: Tensor, spacing: Tensor | None, loss: nn.Module | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss (``loss``: a copy on the logits' device, else :attr:`loss`), the masks at :attr:`postprocessing`
+        and the reference masks ``(B, R, H, W, D)`` of one volume."""
+        return (loss or self.loss)(logits, target), self.masks(logits, spacing), target_channels(target, self.mode, logits.shape[1])
 
     def masks(self, logits: Tensor, spacing: Tensor | None = None) -> Tensor:
         """Binary masks ``(B, R, *spatial)`` of logits ``(B, C, *spatial)`` at :attr:`postprocessing`, post-processed as

@@ -202,5 +202,6 @@ def flip_averaged_probabilities(predict: Callable[[Tensor], Tensor], image: Tens
     for axes in flips:
         probs = probabilities(predict(image.flip(axes) if axes else image), mode)
         probs = probs.flip(axes) if axes else probs
-        total = probs if total is None else total.add_(probs)
-    return total / len(flips)
+        total = probs if total is None else total.add_(probs.to(total.device))  # a pass stitched elsewhere joins
+        del probs
+    return total.div_(len(flips)) if len(flips) > 1 else total

@@ -96,6 +96,58 @@ def test_stitching_falls_back_to_the_cpu_when_the_gpu_runs_out_of_memory(monkeyp
         m.predict_volume(volume)  # already on the CPU: nothing left to fall back to
 
 
+@pytest.mark.parametrize("failing_pass", [1, 3])
+def test_out_of_memory_in_any_test_time_flip_pass_redoes_every_pass_stitched_on_the_cpu(monkeypatch, caplog, failing_pass):
+    import medseg.postprocess
+
+    m = module(tiny_net().eval())
+    volume = torch.randn(1, 2, 24, 20, 28)
+    with torch.no_grad():
+        expected = m.predict_probabilities(volume, (0, 1))
+    calls, real = [], medseg.postprocess.probabilities
+
+    def out_of_memory_once(logits, mode):  # the activation of one flip pass (outside the sliding window)
+        calls.append(m.inferer.get("device"))
+        if len(calls) == failing_pass:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(logits, mode)
+
+    monkeypatch.setattr(medseg.postprocess, "probabilities", out_of_memory_once)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="medseg"):
+        got = m.predict_probabilities(volume, (0, 1))
+    torch.testing.assert_close(got, expected)
+    assert calls == [None] * failing_pass + ["cpu"] * 4  # the failed passes, then all 4 again
+    assert "averaging test-time flips" in caplog.text
+
+
+def test_out_of_memory_scoring_a_validation_volume_scores_it_on_the_cpu(monkeypatch, caplog):
+    import medseg.module
+
+    def scores(fail: bool) -> dict:
+        m = module(tiny_net().eval())
+        generator = torch.Generator().manual_seed(1)
+        image = torch.randn(1, 2, 24, 20, 28, generator=generator)
+        batch = {"image": image, "label": (image[:, :1] > 0.5).float(), "spacing": torch.ones(1, 3), "padding": torch.tensor([False])}
+        real, calls = medseg.module.target_channels, []
+
+        def out_of_memory_once(*args, **kwargs):
+            calls.append(1)
+            if fail and len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(medseg.module, "target_channels", out_of_memory_once)
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="medseg"):
+            m.validation_step(batch, 0)
+        return {**m.metrics["val"].compute(), "loss": m.val_loss.compute()}
+
+    expected, got = scores(False), scores(True)
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+    assert "scoring it on the CPU" in caplog.text
+
+
 class Batches(torch.utils.data.Dataset):
     def __init__(self, n: int = 6) -> None:
         generator = torch.Generator().manual_seed(0)
@@ -131,6 +183,41 @@ def test_mixed_precision_trains_through_lightning_with_a_scaler_for_float16_only
     assert (getattr(trainer.precision_plugin, "scaler", None) is not None) == scaled
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert all(torch.isfinite(p).all() for p in m.parameters()) and next(m.net.parameters()).dtype == torch.float32  # float32 master weights
+
+
+class Volumes(torch.utils.data.Dataset):
+    """Whole validation volumes (one per batch), larger than the 16^3 window."""
+
+    def __init__(self, n: int = 2) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.items = []
+        for _ in range(n):
+            image = torch.randn(2, 24, 20, 28, generator=generator)
+            self.items.append({"image": image, "label": ((image[:1] > 0.3).float() + (image[1:] > 0.8).float()).clamp(max=2), "spacing": torch.ones(3)})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+
+@pytest.mark.slow
+def test_a_compiled_network_trains_and_validates_inside_a_trainer_as_the_plain_one(tmp_path):
+    # torch.compile (aot_eager: no C++ compiler needed) through Lightning: the sanity validation under inference
+    # mode, training steps, validation; then the plain network with the trained weights validates the same.
+    compiled = module(tiny_net(), compile="default", compile_backend="aot_eager")
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(max_epochs=3, num_sanity_val_steps=1, **options)
+    trainer.fit(compiled, train_dataloaders=DataLoader(Batches(), batch_size=2), val_dataloaders=DataLoader(Volumes(), batch_size=1))
+    assert compiled._compiled_net is not None and torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    got = L.Trainer(**options).validate(compiled, DataLoader(Volumes(), batch_size=1), verbose=False)[0]
+    plain = module(tiny_net())
+    plain.load_state_dict(compiled.state_dict())
+    expected = L.Trainer(**options).validate(plain, DataLoader(Volumes(), batch_size=1), verbose=False)[0]
+    assert set(got) == set(expected) and "val/dice" in got and "val/loss" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_pin_memory_auto_follows_cuda(monkeypatch, tmp_path):
