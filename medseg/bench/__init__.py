@@ -14,6 +14,8 @@ absolute times are context only), printed as a table and written as JSON (layout
   worker processes, ``.npy`` vs blosc2. Goals: <= 5 MB/case, disk >= 0.8x memory.
 - ``inference`` (:mod:`~medseg.bench.inference`): ``medseg.predict`` vs MONAI ``sliding_window_inference``
   on a 4x240x240x155 case; seconds per case, peak memory. Goal <= 1.05.
+- ``predict_memory`` (:mod:`~medseg.bench.predict_memory`): peak memory of ``medseg.predict`` on a 488x404x448
+  CT with 3 classes, in float32 probability volumes. Goal <= 2.5.
 - ``loss`` (:mod:`~medseg.bench.loss`): ``FocalDiceLoss`` vs MONAI ``DiceFocalLoss``, forward + backward.
 - ``blob`` (:mod:`~medseg.bench.blob`): ``BlobLoss`` vs ``FocalDiceLoss`` at 10, 100 and 1000 lesions per
   patch batch; time and peak memory. Goal <= 3x at every count (the cost must not grow with the count).
@@ -37,6 +39,7 @@ BENCHMARKS = {
     "data": "medseg.bench.data_pipeline",
     "cache": "medseg.bench.cache",
     "inference": "medseg.bench.inference",
+    "predict_memory": "medseg.bench.predict_memory",
     "loss": "medseg.bench.loss",
     "blob": "medseg.bench.blob",
     "lesion": "medseg.bench.lesion",
