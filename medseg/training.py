@@ -27,6 +27,7 @@ from medseg.final_evaluation import FinalEvaluation, evaluate_cases
 from medseg.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from medseg.module import SegmentationModule
 from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON
+from medseg.precision import resolve_trainer_precision
 from medseg.report import print_metrics_table, to_floats
 
 log = logging.getLogger("medseg")
@@ -49,8 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Ranks started together (SLURM, torchrun) wait on the cache's lock (or share the build) before the
         # process group forms, so that a long first build never runs into the group's timeout.
         datamodule.prepare_cache(progress=False)
+    resolve_trainer_precision(cfg)  # trainer.precision: auto -> this device's, before the model records its config
     model = build_model(cfg)
-    trainer: L.Trainer = build_trainer(cfg)  # trainer.precision: auto resolved for this device, then saved
+    trainer: L.Trainer = build_trainer(cfg)
     save_config(cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir))
