@@ -141,8 +141,19 @@ def foreground_masks(probs: Tensor, mode: str, threshold: Sequence[float]) -> np
     if mode == "sigmoid":
         cut = torch.as_tensor(list(threshold), dtype=probs.dtype).view(-1, *([1] * (probs.ndim - 1)))
         return (probs.cpu() > cut).numpy()
-    index = probs.argmax(dim=0).cpu().numpy()  # (*spatial)
+    index = class_index(probs)  # (*spatial)
     return np.stack([index == c for c in range(1, probs.shape[0])])
+
+
+def class_index(probs: Tensor, slab_voxels: int = 2**24) -> np.ndarray:
+    """The argmax over classes of ``(C, *spatial)`` probabilities as the smallest integer type (``uint8`` below 256
+    classes), computed in slabs along the first spatial axis: no full-size int64 volume."""
+    dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
+    index = np.empty(tuple(probs.shape[1:]), dtype=dtype)
+    step = max(1, slab_voxels // max(1, int(np.prod(probs.shape[2:]))))
+    for start in range(0, probs.shape[1], step):
+        index[start : start + step] = probs[:, start : start + step].argmax(dim=0).cpu().numpy()
+    return index
 
 
 def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: float, connectivity: int = 26, nesting: Sequence[tuple[int, int]] = ()) -> np.ndarray:
@@ -177,10 +188,18 @@ def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: floa
     return masks
 
 
-def probabilities(logits: Tensor, mode: str) -> Tensor:
-    """Sigmoid or softmax (over channels) probabilities, float32, of logits ``(B, C, *spatial)``."""
+def probabilities(logits: Tensor, mode: str, inplace: bool = False) -> Tensor:
+    """Sigmoid or softmax (over channels) probabilities, float32, of logits ``(B, C, *spatial)``.
+
+    ``inplace``: computed in the logits' own memory (float32 logits that nothing else reads, such as a sliding
+    window's output), so that a whole volume's probabilities need no second volume."""
     logits = logits.float()
-    return torch.sigmoid(logits) if mode == "sigmoid" else torch.softmax(logits, dim=1)
+    if not inplace:
+        return torch.sigmoid(logits) if mode == "sigmoid" else torch.softmax(logits, dim=1)
+    if mode == "sigmoid":
+        return logits.sigmoid_()
+    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
 def logits_of(probs: Tensor, mode: str, eps: float = 1e-6) -> Tensor:
@@ -200,7 +219,10 @@ def flip_averaged_probabilities(predict: Callable[[Tensor], Tensor], image: Tens
     total = None
     flips = [axes for k in range(len(dims) + 1) for axes in combinations(dims, k)]
     for axes in flips:
-        probs = probabilities(predict(image.flip(axes) if axes else image), mode)
+        logits = predict(image.flip(axes) if axes else image)
+        # In place unless the logits are (a view of) the caller's image: a sliding window's output is a new volume.
+        probs = probabilities(logits, mode, inplace=logits.untyped_storage().data_ptr() != image.untyped_storage().data_ptr())
+        del logits
         probs = probs.flip(axes) if axes else probs
         total = probs if total is None else total.add_(probs.to(total.device))  # a pass stitched elsewhere joins
         del probs

@@ -145,23 +145,41 @@ def infer_probabilities(model: SegmentationModule, image: Tensor, flip_axes: Seq
         return model.predict_probabilities(image[None], tuple(flip_axes))[0]
 
 
-def to_original_geometry(probs: Tensor, data: dict[str, Any], transform: Compose) -> Tensor:
+def to_original_geometry(probs: Tensor | list[Tensor | None], data: dict[str, Any], transform: Compose) -> Tensor:
     """Probabilities on the preprocessed grid back on the input file's voxel grid.
 
     The preprocessing recorded its spatial steps (orientation, resampling, crop) on ``data["image"]``;
-    their inverse is applied to ``probs`` with linear interpolation (exact when nothing was resampled).
+    their inverse is applied to ``probs`` with linear interpolation (exact when nothing was resampled), one channel
+    at a time into one output volume, so that the way back holds one extra channel, not a second volume.
 
     Args:
-        probs: ``(C_out, H, W, D)`` on the preprocessed image's grid.
+        probs: ``(C_out, H, W, D)`` on the preprocessed image's grid; or a list of ``(H, W, D)`` channels, each set
+            to ``None`` once inverted (so that one with its own memory is freed), ``None`` entries not inverted
+            (left uninitialised in the result: the caller computes them).
         data: the preprocessed case, whose ``"image"`` MetaTensor carries ``applied_operations``.
         transform: the preprocessing that produced ``data``.
 
     Returns:
         ``(C_out, X, Y, Z)`` float32 in the voxel order of the input file.
     """
-    pred = MetaTensor(probs.cpu(), meta=deepcopy(data[IMAGE].meta))
-    inverted = Invertd(PRED, transform, orig_keys=IMAGE, nearest_interp=False)({IMAGE: data[IMAGE], PRED: pred})[PRED]
-    return inverted.as_tensor().float() if isinstance(inverted, MetaTensor) else inverted.float()
+    channels = probs if isinstance(probs, list) else list(probs.unbind(0))
+    out: Tensor | None = None
+    for c, channel in enumerate(channels):
+        if channel is None:
+            continue
+        channels[c] = None
+        pred = MetaTensor(channel[None].cpu(), meta=deepcopy(data[IMAGE].meta))
+        del channel
+        inverted = Invertd(PRED, transform, orig_keys=IMAGE, nearest_interp=False)({IMAGE: data[IMAGE], PRED: pred})[PRED]
+        del pred
+        inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
+        if out is None:
+            out = torch.empty((len(channels), *inverted.shape[1:]), dtype=torch.float32)
+        out[c] = inverted[0]
+        del inverted
+    if out is None:
+        raise ValueError(f"expected a channel to invert, got {len(channels)} channels, none given")
+    return out
 
 
 def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None, voxel_mm3: float = 1.0, connectivity: int = 26) -> np.ndarray:
@@ -182,7 +200,7 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
     """
     point = point or OperatingPoint.uniform(spec.names)
     masks = postprocess(probs, spec.mode, point, voxel_mm3, connectivity, spec.nesting)  # (R, X, Y, Z) bool, nested regions kept nested
-    labels = np.zeros(masks.shape[1:], dtype=np.int64)  # (X, Y, Z)
+    labels = np.zeros(masks.shape[1:], dtype=_label_dtype(spec))  # (X, Y, Z), the file's type: no int64 volume
     foreground = masks.any(0)  # (X, Y, Z)
     if not foreground.any():
         return labels
@@ -197,8 +215,10 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
     if spec.mode == "sigmoid":
         labels[box] = spec.to_labels(torch.from_numpy(crop))[0].numpy()
     else:
-        index = (crop * np.arange(1, crop.shape[0] + 1)[:, None, None, None]).sum(0)  # classes are exclusive
-        labels[box] = spec.to_labels(torch.from_numpy(index)[None])[0].numpy()
+        index = np.zeros(crop.shape[1:], dtype=np.uint8 if crop.shape[0] < 256 else np.int16)  # classes are exclusive
+        for c in range(crop.shape[0]):
+            index[crop[c]] = c + 1
+        labels[box] = np.asarray(spec.values, dtype=labels.dtype)[index]  # LabelSpec.to_labels, in the file's type
     return labels
 
 
@@ -263,25 +283,37 @@ def infer_case(case: PreparedCase, model: SegmentationModule, options: PredictOp
     start = time.perf_counter()
     image = case.data[IMAGE].as_tensor().to(options.device)  # (C_in, H, W, D)
     probs = infer_probabilities(model, image, options.flip_axes).cpu()
+    del image
+    # The way back to the input grid needs the recorded operations and metadata, not the voxels: let them go.
+    recorded = case.data[IMAGE]
+    case.data[IMAGE] = MetaTensor(torch.empty(0), meta=recorded.meta, applied_operations=recorded.applied_operations)
     case.seconds += time.perf_counter() - start
     return probs
 
 
-def input_geometry_probabilities(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec) -> Tensor:
+def input_geometry_probabilities(case: PreparedCase, probs: Tensor | list[Tensor], transform: Compose, spec: LabelSpec) -> Tensor:
     """A case's probabilities on the preprocessed grid mapped back onto its input file's voxel grid.
 
     Args:
-        probs: ``(C_out, H, W, D)`` from :func:`infer_case`.
+        probs: ``(C_out, H, W, D)`` from :func:`infer_case`; or that tensor in a one-item list, which is emptied, so
+            that (nothing else holding it) its memory goes as soon as the channels the way back needs are copied out.
         transform: the preprocessing that produced ``case.data``.
 
     Returns:
         ``(C_out, X, Y, Z)`` float32 (softmax: voxels outside the inverted crop are background).
     """
-    probs = to_original_geometry(probs, case.data, transform)  # (C_out, X, Y, Z)
-    if spec.mode == "softmax":  # the inverse crop pads with 0: such voxels are background
-        # A new tensor: with nothing to invert, probs are the sliding window's inference tensors (read-only here).
-        probs = torch.cat([(1.0 - probs[1:].sum(0, keepdim=True)).clamp(0.0, 1.0), probs[1:]])
-    return probs
+    if isinstance(probs, list):
+        probs = probs.pop()
+    if spec.mode == "sigmoid":
+        return to_original_geometry(probs, case.data, transform)  # (C_out, X, Y, Z)
+    # Softmax: the background is what the classes leave (the inverse crop pads them with 0: background there), so
+    # only the classes go back, each in its own memory, freed once inverted; the preprocessed volume goes now.
+    channels: list[Tensor | None] = [None, *(probs[c].clone() for c in range(1, probs.shape[0]))]
+    del probs
+    out = to_original_geometry(channels, case.data, transform)
+    torch.sum(out[1:], dim=0, out=out[0])
+    out[0].neg_().add_(1.0).clamp_(0.0, 1.0)
+    return out
 
 
 def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
@@ -298,7 +330,7 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
     start = time.perf_counter()
     reference = nib.load(case.record["image"][0])
     labels = segment(probs, spec, options.point, float(np.prod(spacing_mm(reference))), options.connectivity)  # (X, Y, Z)
-    write_nifti_atomic(labels.astype(_label_dtype(spec)), reference, case.target)
+    write_nifti_atomic(labels.astype(_label_dtype(spec), copy=False), reference, case.target)
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
     if options.save_probabilities:
         prob_path = options.output / PROBABILITY_DIR / case.target.name
@@ -309,9 +341,9 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
     return result
 
 
-def write_case(case: PreparedCase, probs: Tensor, transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
+def write_case(case: PreparedCase, probs: Tensor | list[Tensor], transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
     """:func:`input_geometry_probabilities` then :func:`write_labels`: a case's label file from its probabilities on
-    the preprocessed grid ``(C_out, H, W, D)``."""
+    the preprocessed grid ``(C_out, H, W, D)`` (or that tensor in a one-item list, emptied: see there)."""
     start = time.perf_counter()
     probs = input_geometry_probabilities(case, probs, transform, spec)
     case.seconds += time.perf_counter() - start
@@ -389,10 +421,12 @@ def predict_cases(
         transforms[index] = deepcopy(transform) if prefetch else transform
         return read_case(cases[index], transforms[index], options)
 
-    def write(index: int, case: PreparedCase, probs: Tensor) -> dict[str, Any]:
+    def write(index: int, case: PreparedCase, held: list[Tensor]) -> dict[str, Any]:
+        # The probabilities come in a list emptied here, so that nothing else (a frame, the future's arguments) keeps
+        # the preprocessed grid's volume alive once the input grid's exists.
         if finish is None:
-            return write_case(case, probs, transforms.pop(index), spec, options)
-        return finish(case, input_geometry_probabilities(case, probs, transforms.pop(index), spec))
+            return write_case(case, held, transforms.pop(index), spec, options)
+        return finish(case, input_geometry_probabilities(case, held, transforms.pop(index), spec))
 
     reads: deque[tuple[CaseRecord, Future]] = deque()  # read ahead, oldest first
     writes: deque[tuple[CaseRecord, Future]] = deque()  # inferred (or failed), oldest first
@@ -409,14 +443,15 @@ def predict_cases(
             record, pending = reads.popleft()
             try:
                 case = pending.result()
-                probs = infer_case(case, model, options)  # (C_out, H, W, D)
+                held = [infer_case(case, model, options)]  # (C_out, H, W, D)
             except Exception as err:  # reported in the input's order, after the cases before it
                 transforms.pop(index, None)
                 failed: Future = Future()
                 failed.set_exception(err)
                 writes.append((record, failed))
             else:
-                writes.append((record, writer.submit(write, index, case, probs)))
+                writes.append((record, writer.submit(write, index, case, held)))
+                del held
             while len(writes) > prefetch:
                 yield _outcome(*writes.popleft())
         while writes:

@@ -106,11 +106,11 @@ def test_out_of_memory_in_any_test_time_flip_pass_redoes_every_pass_stitched_on_
         expected = m.predict_probabilities(volume, (0, 1))
     calls, real = [], medseg.postprocess.probabilities
 
-    def out_of_memory_once(logits, mode):  # the activation of one flip pass (outside the sliding window)
+    def out_of_memory_once(logits, mode, **kwargs):  # the activation of one flip pass (outside the sliding window)
         calls.append(m.inferer.get("device"))
         if len(calls) == failing_pass:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(logits, mode)
+        return real(logits, mode, **kwargs)
 
     monkeypatch.setattr(medseg.postprocess, "probabilities", out_of_memory_once)
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="medseg"):
