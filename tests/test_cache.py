@@ -452,3 +452,28 @@ def test_the_leftover_sweep_removes_only_builds_whose_owner_is_gone(brats_tree, 
     shutil.rmtree(cache.entry(str(records[0]["case"])))  # one entry to build: the sweep runs under the lock
     dm.prepare_cache(progress=False)
     assert sorted(p.name for p in cache.folder.iterdir() if p.name.startswith((".tmp-", ".trash-"))) == sorted(n for n, kept in leftovers.items() if kept)
+
+
+def test_start_up_lists_the_dataset_once_and_checks_each_entry_once(brats_tree, tmp_path, monkeypatch):
+    # What a training process does before its first step, on a built cache: on a parallel file system every
+    # listing and every entry check is thousands of metadata operations per rank.
+    import medseg.data.datamodule as datamodule_module
+
+    make_datamodule(brats_tree, tmp_path / "cache").prepare_cache(progress=False)  # built by an earlier run
+    counts = {"listings": 0, "entry_checks": 0, "walks": 0}
+    real_find, real_problem, real_rglob = datamodule_module.find_cases, CaseCache.problem, Path.rglob
+
+    def count(key, fn):
+        def counted(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(datamodule_module, "find_cases", count("listings", real_find))
+    monkeypatch.setattr(CaseCache, "problem", count("entry_checks", real_problem))
+    monkeypatch.setattr(Path, "rglob", count("walks", real_rglob))
+    dm = make_datamodule(brats_tree, tmp_path / "cache")
+    dm.prepare_cache(progress=False)  # what every rank runs before the process group forms
+    dm.setup("fit")
+    dm.train_dataloader(), dm.val_dataloader()
+    assert counts == {"listings": 1, "entry_checks": 6, "walks": 0}  # before: 2 listings, 12 checks, 1 walk of the cache

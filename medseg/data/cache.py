@@ -139,11 +139,12 @@ class BuildSummary:
     rebuilt: int = 0
     reused: int = 0
     seconds: float = 0.0
-    size_bytes: int = 0
+    size_bytes: int = 0  # the cache folder's size after a build (0 when nothing was built)
 
     def format(self) -> str:
         size = f"{self.size_bytes / 2**30:.2f} GiB" if self.size_bytes >= 2**30 else f"{self.size_bytes / 2**20:.1f} MiB"
-        return f"{self.built} built, {self.rebuilt} rebuilt (damaged), {self.reused} reused in {self.seconds:.1f} s; {size} on disk"
+        on_disk = f"; {size} on disk" if self.size_bytes else ""  # measured only after a build
+        return f"{self.built} built, {self.rebuilt} rebuilt (damaged), {self.reused} reused in {self.seconds:.1f} s{on_disk}"
 
 
 def file_identity(path: str | Path) -> list[Any]:
@@ -258,7 +259,8 @@ class CaseCache:
                     self._write_options()
                     self._build([r for r, _ in todo], preprocessor, workers, progress)
         summary.seconds = time.perf_counter() - start
-        summary.size_bytes = self.size_bytes()
+        if summary.built or summary.rebuilt:  # reported then only: no walk over a large cache at every start
+            summary.size_bytes = self.size_bytes()
         return summary
 
     def _build(self, records: list[CaseRecord], preprocessor: CasePreprocessor, workers: int, progress: bool) -> None:

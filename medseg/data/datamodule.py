@@ -209,6 +209,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self._store: CaseStore | None = None
         self.cache_summary: BuildSummary | None = None  # what the last prepare_cache did
         self._prepared = False
+        self._cases: list[CaseRecord] | None = None  # the dataset's listing, made once per process
+        self._cache_checked = False  # whether prepare_cache checked (or built) every entry in this process
 
     # Lightning calls prepare_data on one process per node: generate data here, never in setup.
     def prepare_data(self) -> None:
@@ -241,18 +243,23 @@ class SegmentationDataModule(L.LightningDataModule):
             return None
         cache = self.case_cache
         summary = self.cache_summary = cache.ensure(self.find_cases(), self.preprocessor, self.preprocess_workers, progress=progress)
+        self._cache_checked = True  # every entry valid now: the store need not check them again in this process
         if summary.built or summary.rebuilt:
             rank_zero_info(f"Preprocessing cache {cache.folder}: {summary.format()}")
         return summary
 
     def find_cases(self) -> list[CaseRecord]:
-        """All labelled cases of the dataset (raises :class:`medseg.data.layouts.DatasetError` with the fix)."""
+        """All labelled cases of the dataset (raises :class:`medseg.data.layouts.DatasetError` with the fix), listed
+        once per process (a listing is thousands of metadata operations on a parallel file system)."""
+        if self._cases is not None:
+            return list(self._cases)
         cases = find_cases(self.layout, self.root, modalities=self.modalities)
         if self.in_channels is not None:
             for case in cases:
                 if len(case["image"]) not in (1, self.in_channels):
                     raise ValueError(f"case {case['case']}: expected {self.in_channels} image files (data.in_channels), got {len(case['image'])}")
-        return cases
+        self._cases = cases
+        return list(cases)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_cases:
@@ -295,9 +302,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 self._store = FreshStore(self.preprocessor)
             else:
                 cache = self.case_cache
-                stale = cache.stale(self.train_cases + self.val_cases)
-                if stale:  # this process did not prepare the cache (e.g. a direct setup call): build it now
-                    self.prepare_cache()
+                if not self._cache_checked and cache.stale(self.train_cases + self.val_cases):
+                    self.prepare_cache()  # this process did not prepare the cache (e.g. a direct setup call): build it now
                 self._store = DiskStore(cache) if self.cache == "disk" else MemoryStore(cache, self.train_cases + self.val_cases)
         return self._store
 
