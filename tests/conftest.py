@@ -49,11 +49,13 @@ def preprocessing_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def cpu_without_bf16(monkeypatch) -> None:
-    """Every test plans as on a CPU without bf16 (the planner's one reading of the CPU model), so that no test's
-    outcome depends on the machine it runs on; tests of the bf16 choice patch it back."""
+    """Every test plans as on a CPU without bf16 (medseg's one reading of the CPU model), so that no test's outcome
+    depends on the machine it runs on; tests of the bf16 choice patch it back. ``MEDSEG_TEST_CPU_BF16=1`` runs the
+    suite as a bf16 CPU would see it instead, to check that the outcomes are the same."""
     import medseg.precision
 
-    monkeypatch.setattr(medseg.precision, "cpu_supports_bf16", lambda: False)
+    bf16 = os.environ.get("MEDSEG_TEST_CPU_BF16", "0") == "1"
+    monkeypatch.setattr(medseg.precision, "cpu_supports_bf16", lambda: bf16)
 
 
 @pytest.fixture(scope="session")
