@@ -1,5 +1,5 @@
-"""Blob loss: forward + backward time and peak memory of ``BlobLoss`` against ``FocalDiceLoss`` as the number
-of reference lesions in the patch batch grows (10, 100, 1000).
+"""Per-lesion losses: forward + backward time and peak memory of ``BlobLoss`` and ``ConnectedComponentDiceCELoss``
+against ``FocalDiceLoss`` as the number of reference lesions in the patch batch grows (10, 100, 1000).
 
 Workload: sigmoid logits ``(2, 1, 96, 96, 96)`` (quick: ``(2, 1, 32, 32, 32)``) and a target of that many
 cube lesions of 1 to 27 voxels spread over the batch (on a grid, so that they never touch: exactly that many
@@ -8,7 +8,8 @@ components). ``BlobLoss`` runs with its defaults (global focal + Dice, per-lesio
 blob / global at each lesion count (what the per-lesion term adds), and blob at 1000 lesions / blob at 10
 (goal <= 1.5: per-component sums make the cost independent of the count, where a loop over lesions, as the
 paper's reference code, costs one pass over the patch per lesion). The connected
-components of the target (cc3d, on the CPU) are inside the timed step, as in training.
+components of the target (cc3d, on the CPU) are inside the timed step, as in training; so are the CC loss's
+Voronoi cells (a Euclidean distance transform per item and channel). The same figures for the CC loss.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ def _step(loss: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor) -> 
 
 def run(options: BenchOptions) -> BenchResult:
     """Blob vs global-only loss at each lesion count."""
-    from medseg.losses import BlobLoss, FocalDiceLoss
+    from medseg.losses import BlobLoss, ConnectedComponentDiceCELoss, FocalDiceLoss
 
     size = SIZES[options.tier]
     repeats = options.repeats_or(REPEATS[options.tier])
-    losses = {"blob": BlobLoss("sigmoid"), "global": FocalDiceLoss("sigmoid")}
-    figures, details, blob_times = [], [], {}
+    losses = {"blob": BlobLoss("sigmoid"), "global": FocalDiceLoss("sigmoid"), "cc": ConnectedComponentDiceCELoss("sigmoid")}
+    figures, details, blob_times, cc_times = [], [], {}, {}
     for count in LESION_COUNTS:
         logits, target = lesion_batch(count, size, options.device)
         steps = {name: (lambda loss=loss: _step(loss, logits, target)) for name, loss in losses.items()}
@@ -67,11 +68,14 @@ def run(options: BenchOptions) -> BenchResult:
         peaks = {name: peak_memory(fn, options.device) for name, fn in steps.items()}
         contenders = {
             name: Contender.from_timing(label, times[name], peaks[name])
-            for name, label in (("blob", "BlobLoss (global + per lesion)"), ("global", "FocalDiceLoss (global term)"))
+            for name, label in (("blob", "BlobLoss (global + per lesion)"), ("global", "FocalDiceLoss (global term)"), ("cc", "ConnectedComponentDiceCELoss (global + per lesion cell)"))
         }
         figures.append(Figure.compare(NAME, f"forward + backward, {count} lesions in 2x1x{'x'.join(map(str, size))}", contenders["blob"], contenders["global"], None, "components (cc3d) inside the step"))
+        figures.append(Figure.compare(NAME, f"CC Dice + CE, {count} lesions in 2x1x{'x'.join(map(str, size))}", contenders["cc"], contenders["global"], None, "components and their Voronoi cells (cc3d + a distance transform) inside the step"))
         blob_times[count] = Contender.from_timing(f"BlobLoss, {count} lesions", times["blob"], peaks["blob"])
+        cc_times[count] = Contender.from_timing(f"ConnectedComponentDiceCELoss, {count} lesions", times["cc"], peaks["cc"])
         details.append({"lesions": count, **{f"{n}_time_median_s": times[n].median_s for n in losses}, **{f"{n}_peak_bytes": peaks[n] for n in losses}})
     many, few = LESION_COUNTS[-1], LESION_COUNTS[0]
     figures.append(Figure.compare(NAME, f"BlobLoss cost growth, {many} vs {few} lesions", blob_times[many], blob_times[few], GROWTH_GOAL, "per-component sums: one pass whatever the count"))
+    figures.append(Figure.compare(NAME, f"CC Dice + CE cost growth, {many} vs {few} lesions", cc_times[many], cc_times[few], GROWTH_GOAL, "per-cell sums: one pass whatever the count"))
     return BenchResult(figures, settings={"size": list(size), "repeats": repeats, "lesion_counts": list(LESION_COUNTS)}, details={"cases": details})
