@@ -27,6 +27,7 @@ EXPECTED = {
     "deep_supervision": losses.DeepSupervisionLoss,
     "deep_supervision_dice_ce": losses.DeepSupervisionLoss,
     "blob_focal_dice": losses.BlobLoss,
+    "cc_dice_ce": losses.ConnectedComponentDiceCELoss,
 }
 
 
@@ -71,7 +72,7 @@ def test_loss_option_composes_and_runs(name, mode):
     logits, target = random_batch(mode, deep=deep)
     if hasattr(loss, "forward_with_terms"):
         value, terms = loss.forward_with_terms(logits, target)
-        expected = {"dice_ce": {"ce", "dice"}, "deep_supervision_dice_ce": {"ce", "dice"}, "blob_focal_dice": {"focal", "dice", "blob"}}.get(name, {"focal", "dice"})
+        expected = {"dice_ce": {"ce", "dice"}, "deep_supervision_dice_ce": {"ce", "dice"}, "blob_focal_dice": {"focal", "dice", "blob"}, "cc_dice_ce": {"ce", "dice", "cc"}}.get(name, {"focal", "dice"})
         assert set(terms) == expected
     else:
         value = loss(logits, target)
