@@ -41,10 +41,14 @@ from medseg.build import build_model, preprocessing_from_config
 from medseg.config import ConfigError, check_required
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, reference_label_folders
+from medseg.data.layouts.base import strip_nifti_suffix
 from medseg.data.transforms import IMAGE
 from medseg.ensemble import EnsembleModel, check_members, load_members, resolve_checkpoint, resolve_checkpoints  # noqa: F401 (resolve_checkpoint: public here too)
 from medseg.evaluation import spacing_mm
-from medseg.io import write_json_atomic, write_nifti_atomic
+from medseg.io import write_csv_atomic, write_json_atomic, write_nifti_atomic, write_text_atomic
+from medseg.lesion_table import COLUMNS as LESION_COLUMNS
+from medseg.lesion_table import SCORES as LESION_SCORES
+from medseg.lesion_table import lesion_rows
 from medseg.module import SegmentationModule
 from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON, OperatingPoint, postprocess
 
@@ -52,6 +56,7 @@ log = logging.getLogger("medseg")
 PRED = "pred"
 SUMMARY_NAME = "predictions.json"
 PROBABILITY_DIR = "probabilities"
+LESION_DIR = "lesions"  # <output>/lesions/<case>.csv: one row per predicted lesion (lesion_table=true)
 REQUIRED_HELP = {
     "ckpt_path": "ckpt_path is a training run folder (outputs/<task>/runs/<run>), a cross-validation folder (outputs/<task>/crossval/<run>: an ensemble of its folds), a checkpoint of medseg.train, or a list of these.",
     "input": "input is a case folder, a dataset folder (BraTS, MSD, nnU-Net, images/ + labels/), an images folder such as imagesTs/, dataset.json, or a list of NIfTI files.",
@@ -200,6 +205,11 @@ def segment(probs: Tensor, spec: LabelSpec, point: OperatingPoint | None = None,
     """
     point = point or OperatingPoint.uniform(spec.names)
     masks = postprocess(probs, spec.mode, point, voxel_mm3, connectivity, spec.nesting)  # (R, X, Y, Z) bool, nested regions kept nested
+    return labels_of(masks, spec)
+
+
+def labels_of(masks: np.ndarray, spec: LabelSpec) -> np.ndarray:
+    """Final masks ``(R, X, Y, Z)`` (bool) to ``(X, Y, Z)`` dataset labels in the label file's integer type."""
     labels = np.zeros(masks.shape[1:], dtype=_label_dtype(spec))  # (X, Y, Z), the file's type: no int64 volume
     foreground = masks.any(0)  # (X, Y, Z)
     if not foreground.any():
@@ -232,6 +242,7 @@ class PredictOptions:
     point: OperatingPoint | None = None  # per-region threshold and minimum component volume; None: 0.5, none removed
     connectivity: int = 26  # of the components the point's size filter removes: the model's
     save_probabilities: bool = False
+    lesion_score: str | None = None  # "max" or "mean": write a per-lesion table with that component score; None: none
     in_channels: int | None = None  # None skips the channel check
     inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
 
@@ -329,9 +340,20 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
     """
     start = time.perf_counter()
     reference = nib.load(case.record["image"][0])
-    labels = segment(probs, spec, options.point, float(np.prod(spacing_mm(reference))), options.connectivity)  # (X, Y, Z)
-    write_nifti_atomic(labels.astype(_label_dtype(spec), copy=False), reference, case.target)
+    point = options.point or OperatingPoint.uniform(spec.names)
+    masks = postprocess(probs, spec.mode, point, float(np.prod(spacing_mm(reference))), options.connectivity, spec.nesting)  # (R, X, Y, Z)
+    labels = labels_of(masks, spec)  # (X, Y, Z), what segment() gives
+    write_nifti_atomic(labels, reference, case.target)
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
+    if options.lesion_score is not None:
+        table = options.output / LESION_DIR / f"{strip_nifti_suffix(case.target.name)}.csv"
+        rows = lesion_rows(masks, probs, spec.names, spec.mode, reference.affine, options.connectivity, options.lesion_score)
+        if rows:
+            write_csv_atomic(rows, table)
+        else:  # no lesion predicted: the header alone
+            write_text_atomic(table, ",".join(LESION_COLUMNS) + "\n")
+        result["lesions"], result["lesion_table"] = len(rows), str(table)
+    del masks
     if options.save_probabilities:
         prob_path = options.output / PROBABILITY_DIR / case.target.name
         prob_path.parent.mkdir(exist_ok=True)
@@ -519,13 +541,14 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         point=point,
         connectivity=model.connectivity,
         save_probabilities=bool(cfg.save_probabilities),
+        lesion_score=lesion_score(cfg),
         in_channels=data_cfg.get("in_channels"),
         inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
     )
     checkpoints = [str(p.resolve()) for p in resolve_checkpoints(cfg.ckpt_path)]
     made_by = {
         "checkpoint": checkpoints if isinstance(model, EnsembleModel) else checkpoints[0],
-        "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities,
+        "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "lesion_score": options.lesion_score,
                     "inferer": {k: v for k, v in dict(model.inferer).items() if k not in ("device", "sw_device")}},
     }  # fmt: skip
     inputs = {str(c["case"]): [str(f) for f in c["image"]] for c in cases}
@@ -553,6 +576,16 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     failed = sum("error" in r for r in ordered)
     log.info("%d of %d case(s) predicted into %s (%s)", len(ordered) - failed, len(ordered), output, SUMMARY_NAME)
     return ordered
+
+
+def lesion_score(cfg: DictConfig) -> str | None:
+    """The component score of the per-lesion tables (``lesion_table``, ``lesion_score``), ``None`` without tables."""
+    if not cfg.get("lesion_table", False):
+        return None
+    score = str(cfg.get("lesion_score", "max"))
+    if score not in LESION_SCORES:
+        raise ConfigError(f"expected lesion_score one of {list(LESION_SCORES)}, got {score!r}")
+    return score
 
 
 def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, list[str]], overwrite: bool, save_probabilities: bool) -> dict[str, dict[str, Any]]:
