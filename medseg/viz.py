@@ -13,7 +13,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +276,8 @@ class Inspection:
         lesions: one row per reference lesion (:func:`medseg.metrics.lesion.lesion_table`).
         run_dir: the training run folder of the checkpoint (holds ``validation/evaluation/evaluation.csv``).
         connectivity: of the lesions (the run's ``model.lesion_metrics.connectivity``).
+        predicted_lesions: one row per predicted lesion of ``region`` (``medseg.predict lesion_table=true``: volume,
+            scanner-space centroid, score).
     """
 
     case: str
@@ -288,6 +290,7 @@ class Inspection:
     run_dir: Path
 
     connectivity: int = 26
+    predicted_lesions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def missed(self) -> np.ndarray:
@@ -343,7 +346,8 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
         raise ValueError(f"expected a region in {list(spec.names)}, got {region!r}")
     record, out = records[case], Path(workdir or run_dir / "inspection")
     files = "[" + ",".join(record["image"]) + "]"
-    result = predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}"]))[0]
+    # The inspection folder is the notebook's own scratch folder: whatever an earlier inspection left there goes.
+    result = predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}", "overwrite=true", "lesion_table=true"]))[0]
     if "error" in result:
         raise ValueError(f"prediction of {case} failed: {result['error']}")
     predicted = Path(result["prediction"])
@@ -358,4 +362,5 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
     spacing = tuple(float(z) for z in _canonical(record["label"]).header.get_zooms()[:3])
     options = {k: v for k, v in (config["model"].get("lesion_metrics") or {}).items() if k in inspect.signature(lesion_table).parameters}
     lesions = lesion_table(prediction, reference, spacing, **options)  # the run's matching rule and buckets
-    return Inspection(case, region, images, reference, prediction, spacing, lesions, run_dir, int(options.get("connectivity", 26)))
+    predicted_lesions = [row for row in read_rows(Path(result["lesion_table"])) if row["region"] == region]
+    return Inspection(case, region, images, reference, prediction, spacing, lesions, run_dir, int(options.get("connectivity", 26)), predicted_lesions)

@@ -33,7 +33,7 @@ def test_notebook_runs_against_a_checkpoint(brats_tree, tmp_path, monkeypatch):
     executed, figures = run_notebook(NOTEBOOK, tmp_path / "executed")
     assert figures == 2  # through the largest and through the smallest lesion
     text = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs)
-    assert "region wt" in text and "reference lesions" in text
+    assert "region wt" in text and "reference lesions" in text and "predicted lesions in region wt" in text
     assert list((run / "inspection").glob("*.nii.gz"))  # the prediction the notebook drew
 
 
