@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import cc3d
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor, nn
 
 from medseg.losses._inputs import Mode, autocast_disabled, check_nonnegative, compute_dtype, prepare
@@ -43,23 +44,25 @@ from medseg.losses.focal import _log1mexp, alpha_weights
 _CONNECTIVITIES = (6, 18, 26)
 
 
-def lesion_components(target: Tensor, connectivity: int = 26) -> tuple[Tensor, Tensor]:
+def lesion_components(target: Tensor, connectivity: int = 26, regions_of_influence: bool = False) -> tuple[Tensor, Tensor]:
     """Connected components of every (item, channel) of a binary target, numbered across the batch.
 
     Args:
         target: boolean ``(B, R, *spatial)`` (2D or 3D spatial).
         connectivity: 6, 18 or 26 (3D; cc3d uses 4 or 8 for 2D inputs: 6 -> 4, otherwise 8).
+        regions_of_influence: label every voxel of a pair with lesions by its nearest lesion (the Voronoi cells of
+            the components, Euclidean distance in voxels), not only the lesions' own voxels.
 
     Returns:
-        ``labels``: int64 ``(B, R, N)`` (flattened spatial), 0 on background and ``1 + global lesion index``
-        inside a lesion; ``owner``: int64 ``(K,)``, the flat (item, channel) index ``b * R + r`` of each lesion.
-        Both on ``target``'s device.
+        ``labels``: int64 ``(B, R, N)`` (flattened spatial), 0 on background (or in pairs without a lesion) and
+        ``1 + global lesion index`` inside a lesion (or its cell); ``owner``: int64 ``(K,)``, the flat (item,
+        channel) index ``b * R + r`` of each lesion. Both on ``target``'s device.
     """
     batch, regions = target.shape[:2]
     masks = target.detach().to("cpu", torch.bool).numpy()
     spatial_dims = masks.ndim - 2
     if spatial_dims not in (2, 3):
-        raise ValueError(f"expected a blob-loss target of shape (B, R, H, W) or (B, R, H, W, D) (lesions need a spatial layout), got {tuple(target.shape)}")
+        raise ValueError(f"expected a target of shape (B, R, H, W) or (B, R, H, W, D) (lesions need a spatial layout), got {tuple(target.shape)}")
     conn = connectivity if spatial_dims == 3 else (4 if connectivity == 6 else 8)
     labels = np.zeros((batch, regions, int(np.prod(masks.shape[2:]))), dtype=np.int64)
     owners: list[np.ndarray] = []
@@ -69,12 +72,27 @@ def lesion_components(target: Tensor, connectivity: int = 26) -> tuple[Tensor, T
             if not masks[b, r].any():
                 continue
             comp, n = cc3d.connected_components(masks[b, r], connectivity=conn, return_N=True)
+            if regions_of_influence:  # every voxel takes the component of its nearest lesion voxel
+                nearest = ndimage.distance_transform_edt(comp == 0, return_distances=False, return_indices=True)
+                comp = comp[tuple(nearest)]
             flat = comp.reshape(-1).astype(np.int64)
             labels[b, r] = np.where(flat > 0, flat + offset, 0)
             owners.append(np.full(n, b * regions + r, dtype=np.int64))
             offset += n
     owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
     return torch.from_numpy(labels).to(target.device), torch.from_numpy(owner).to(target.device)
+
+
+def component_inputs(input: Tensor, target: Tensor, mode: Mode, connectivity: int, regions_of_influence: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What a per-lesion loss term needs: logits ``x`` ``(B, C, N)`` in the compute dtype, the foreground targets
+    and ``(log p, log(1 - p))`` per region ``(B, R, N)`` each, and :func:`lesion_components`' labels and owners.
+    Call under :func:`medseg.losses._inputs.autocast_disabled`."""
+    batch = prepare(input, target, mode)
+    x = batch.logits.to(compute_dtype(batch.logits.dtype))  # (B, C, N)
+    fg, log_p, log_q = _foreground_log_probs(x, batch, mode)  # (B, R, N) each
+    spatial = batch.spatial or (x.shape[-1],)
+    labels, owner = lesion_components(fg.reshape(*fg.shape[:2], *spatial), connectivity, regions_of_influence)
+    return x, fg, log_p, log_q, labels, owner
 
 
 class BlobLoss(nn.Module):
@@ -140,12 +158,8 @@ class BlobLoss(nn.Module):
 
     def blob_term(self, input: Tensor, target: Tensor) -> Tensor:
         """The mean per-lesion focal + Dice (a scalar; 0, with graph, when the target has no lesion)."""
-        batch = prepare(input, target, self.mode)
-        with autocast_disabled(batch.logits.device):
-            x = batch.logits.to(compute_dtype(batch.logits.dtype))  # (B, C, N)
-            fg, log_p, log_q = _foreground_log_probs(x, batch, self.mode)  # (B, R, N) each
-            spatial = batch.spatial or (x.shape[-1],)
-            labels, owner = lesion_components(fg.reshape(*fg.shape[:2], *spatial), self.connectivity)  # (B, R, N), (K,)
+        with autocast_disabled(input.device):
+            x, fg, log_p, log_q, labels, owner = component_inputs(input, target, self.mode, self.connectivity)  # labels (B, R, N), owner (K,)
             if owner.numel() == 0:
                 return x.sum() * 0.0
             return self._per_lesion_mean(fg, log_p, log_q, labels, owner)

@@ -27,50 +27,19 @@ loss terms are per-cell sums (one ``index_add`` each), so their cost does not gr
 
 from __future__ import annotations
 
-import cc3d
-import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor, nn
 
-from medseg.losses._inputs import Mode, autocast_disabled, check_nonnegative, compute_dtype, prepare
-from medseg.losses.blob import _CONNECTIVITIES, _foreground_log_probs
+from medseg.losses._inputs import Mode, autocast_disabled, check_nonnegative
+from medseg.losses.blob import _CONNECTIVITIES, component_inputs, lesion_components
 from medseg.losses.compound import DiceCELoss
 
 
 def influence_regions(target: Tensor, connectivity: int = 26) -> tuple[Tensor, Tensor]:
-    """The Voronoi cells of the reference components of every (item, channel), numbered across the batch.
-
-    Args:
-        target: boolean ``(B, R, *spatial)`` (2D or 3D spatial).
-        connectivity: of the components: 6, 18 or 26 (2D: 6 -> 4, otherwise 8).
-
-    Returns:
-        ``cells``: int64 ``(B, R, N)`` (flattened spatial): ``1 + global component index`` of the cell each voxel
-        lies in, 0 in (item, channel) pairs without a component; ``owner``: int64 ``(K,)``, the flat (item,
-        channel) index ``b * R + r`` of each component. Both on ``target``'s device.
-    """
-    batch, regions = target.shape[:2]
-    masks = target.detach().to("cpu", torch.bool).numpy()
-    spatial_dims = masks.ndim - 2
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"expected a target of shape (B, R, H, W) or (B, R, H, W, D) (components need a spatial layout), got {tuple(target.shape)}")
-    conn = connectivity if spatial_dims == 3 else (4 if connectivity == 6 else 8)
-    cells = np.zeros((batch, regions, int(np.prod(masks.shape[2:]))), dtype=np.int64)
-    owners: list[np.ndarray] = []
-    offset = 0
-    for b in range(batch):
-        for r in range(regions):
-            if not masks[b, r].any():
-                continue
-            components, n = cc3d.connected_components(masks[b, r], connectivity=conn, return_N=True)
-            # index of the nearest component voxel of every voxel (component voxels: themselves)
-            nearest = ndimage.distance_transform_edt(components == 0, return_distances=False, return_indices=True)
-            cells[b, r] = components[tuple(nearest)].reshape(-1).astype(np.int64) + offset
-            owners.append(np.full(n, b * regions + r, dtype=np.int64))
-            offset += n
-    owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
-    return torch.from_numpy(cells).to(target.device), torch.from_numpy(owner).to(target.device)
+    """The Voronoi cells of the reference components of every (item, channel), numbered across the batch:
+    :func:`medseg.losses.blob.lesion_components` with ``regions_of_influence``. ``cells`` ``(B, R, N)``: ``1 + global
+    component index`` of the cell each voxel lies in, 0 in pairs without a component; ``owner`` ``(K,)``."""
+    return lesion_components(target, connectivity, regions_of_influence=True)
 
 
 class ConnectedComponentDiceCELoss(nn.Module):
@@ -131,12 +100,8 @@ class ConnectedComponentDiceCELoss(nn.Module):
 
     def component_term(self, input: Tensor, target: Tensor) -> Tensor:
         """The mean over reference components of Dice + CE in their cells (a scalar; 0, with graph, without any)."""
-        batch = prepare(input, target, self.mode)
-        with autocast_disabled(batch.logits.device):
-            x = batch.logits.to(compute_dtype(batch.logits.dtype))  # (B, C, N)
-            fg, log_p, log_q = _foreground_log_probs(x, batch, self.mode)  # (B, R, N) each
-            spatial = batch.spatial or (x.shape[-1],)
-            cells, owner = influence_regions(fg.reshape(*fg.shape[:2], *spatial), self.connectivity)  # (B, R, N), (K,)
+        with autocast_disabled(input.device):
+            x, fg, log_p, log_q, cells, owner = component_inputs(input, target, self.mode, self.connectivity, regions_of_influence=True)  # cells (B, R, N)
             if owner.numel() == 0:
                 return x.sum() * 0.0
             n = owner.numel()
