@@ -617,7 +617,7 @@ def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, li
         if not overwrite:
             raise ConfigError(f"output {output} holds predictions of {earlier.get('checkpoint')} with other options than this run's ({made_by['checkpoint']}; {SUMMARY_NAME} records them): choose another output folder, or overwrite=true to replace them")
         for entry in entries:  # the earlier run's files in this folder go, so that none is left beside the new ones
-            for key, folder in (("prediction", output), ("probabilities", output / PROBABILITY_DIR)):
+            for key, folder in (("prediction", output), ("probabilities", output / PROBABILITY_DIR), ("lesion_table", output / LESION_DIR)):
                 if entry.get(key):
                     (folder / Path(entry[key]).name).unlink(missing_ok=True)
         record_path.unlink()

@@ -60,3 +60,6 @@ def test_predict_writes_a_table_of_the_components_of_each_written_region(brats_t
     for region, values in (("wt", (1, 2, 4)), ("tc", (1, 4)), ("et", (4,))):
         expected = cc3d.connected_components(np.isin(labels, values), connectivity=26, return_N=True)[1]
         assert sum(r["region"] == region for r in rows) == expected, region
+    # predicted again without tables (overwrite=true): the earlier run's table goes with its other files
+    predict(predict_config(ckpt, brats_tree / "SYN-0000", out, "overwrite=true", "min_component_mm3=0"))
+    assert not list((out / "lesions").glob("*.csv"))
