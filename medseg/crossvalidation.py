@@ -7,11 +7,13 @@ The flow (:func:`crossval`), in the cross-validation folder ``<cv>`` (``hydra.ru
    ``data.fold=k``, ``data.num_folds=k`` folds and no final evaluation of its own; then its best checkpoint predicts
    its validation cases (stage 1 of :class:`medseg.final_evaluation.Evaluator`): probabilities on each case's input
    grid kept in ``fold_<k>/oof/probabilities/`` (float16, compressed) and counted at every operating-point grid
-   point (``fold_<k>/oof/sweep_counts.npy``); ``fold_<k>/oof/oof.json`` marks the fold finished. A finished fold is
+   point (``fold_<k>/oof/sweep_counts.npy``, the grid in ``sweep_grid.json``); ``fold_<k>/oof/oof.json`` marks the
+   fold finished. A finished fold is
    reused; a killed one resumes from its ``last.ckpt``. Each fold is an independent job (``crossval.fold=k``), so a
    cluster can run one per GPU.
 2. **Aggregation** (:func:`aggregate`, once every fold is finished): the point is tuned ONCE on the summed counts of
-   every out-of-fold case (the experiment's criterion), every case's label file is written at it in its original
+   every out-of-fold case (the experiment's criterion; a fold counted on another grid is counted again from its stored
+   probabilities, so a new grid needs no training: ``crossval.train=false`` with the new grid's keys), every case's label file is written at it in its original
    geometry (``<cv>/oof/<case>.nii.gz``) and scored by the evaluation core: ``<cv>/oof/evaluation/`` (one row per case
    and region, with its fold; pictures) and ``<cv>/oof/evaluation_before_postprocessing/``; ``<cv>/crossval.json``
    holds the pooled and per-fold summaries, the fold checkpoints and the point; ``<cv>/operating_point.json`` and
@@ -44,6 +46,7 @@ RECORD_NAME = "crossval.json"
 OOF_DIR = "oof"
 FOLD_RECORD = "oof.json"
 COUNTS_NAME = "sweep_counts.npy"
+GRID_NAME = "sweep_grid.json"
 
 
 def fold_dir(cv: Path, fold: int) -> Path:
@@ -113,7 +116,7 @@ def _predict_fold(fold_cfg: DictConfig, fold: int, folder: Path, device: torch.d
     evaluator = Evaluator(model, saved, folder / OOF_DIR, device)
     results = evaluator.predict(cases, folder / OOF_DIR / "probabilities", compact=True, stage=f"fold {fold}: predict out of fold")
     if evaluator.sweep is not None:
-        np.save(folder / OOF_DIR / COUNTS_NAME, evaluator.sweep.counts.cpu().numpy())
+        save_counts(folder / OOF_DIR, evaluator.sweep.counts.cpu().numpy(), evaluator.sweep.grid())
     record = {
         "fold": fold,
         "checkpoint": str(checkpoint),
@@ -123,6 +126,26 @@ def _predict_fold(fold_cfg: DictConfig, fold: int, folder: Path, device: torch.d
     return record
 
 
+def save_counts(folder: Path, counts: np.ndarray, grid: dict[str, Any]) -> None:
+    """A fold's summed out-of-fold counts and the grid they were counted on."""
+    np.save(folder / COUNTS_NAME, counts)
+    write_json_atomic(folder / GRID_NAME, grid)
+
+
+def fold_counts(evaluator: Evaluator, cv: Path, record: dict[str, Any]) -> np.ndarray:
+    """A fold's out-of-fold counts on ``evaluator``'s grid: the stored ones, or counted again from the stored
+    probabilities when they were counted on another grid (and stored for the next aggregation)."""
+    folder = fold_dir(cv, record["fold"]) / OOF_DIR
+    grid = evaluator.sweep.grid()
+    stored = json.loads((folder / GRID_NAME).read_text()) if (folder / GRID_NAME).is_file() else None
+    if stored == json.loads(json.dumps(grid)):
+        return np.load(folder / COUNTS_NAME)
+    log.info("Fold %d's out-of-fold counts are of another operating-point grid: counted again from its stored probabilities", record["fold"])
+    counts = sum((evaluator.case_counts(entry["record"], load_probabilities(entry["probabilities"])) for entry in record["cases"]), np.zeros(tuple(evaluator.sweep.counts.shape)))
+    save_counts(folder, counts, grid)
+    return counts
+
+
 def aggregate(cfg: DictConfig, cv: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Tune the point once on every fold's out-of-fold counts, write and score every case's label file, and write the
     cross-validation's records (see the module docstring). Returns ``crossval.json``'s content."""
@@ -130,7 +153,7 @@ def aggregate(cfg: DictConfig, cv: Path, records: list[dict[str, Any]]) -> dict[
     evaluator = Evaluator(None, cfg, out)
     if evaluator.sweep is not None:
         for record in records:
-            evaluator.sweep.add(np.load(fold_dir(cv, record["fold"]) / OOF_DIR / COUNTS_NAME), len(record["cases"]))
+            evaluator.sweep.add(fold_counts(evaluator, cv, record), len(record["cases"]))
     point, table = evaluator.choose()
     results, folds = [], {}
     for record in records:

@@ -97,7 +97,8 @@ class Evaluator:
         self.empty_score = float(model_cfg.get("empty_score", 1.0))
         self.flips = tuple(int(a) for a in model_cfg.get("tta_flip_axes") or ())
         self.connectivity = int(model_cfg.get("connectivity") or (self.lesion_options or {}).get("connectivity", 26))
-        self.untuned = replace(OperatingPoint.uniform(self.spec.names, float(model_cfg.threshold), float(model_cfg.get("min_component_mm3") or 0.0)), tta_flip_axes=self.flips)
+        component_score = str((model_cfg.get("operating_point") or {}).get("component_score") or "max")
+        self.untuned = replace(OperatingPoint.uniform(self.spec.names, float(model_cfg.threshold), float(model_cfg.get("min_component_mm3") or 0.0), component_score=component_score), tta_flip_axes=self.flips)
         self.criterion = (model_cfg.get("operating_point") or {}).get("criterion")
         self.transform = preprocessing_from_config(cfg.data, with_label=False)
         self.options = PredictOptions(output=self.out, device=torch.device(device), flip_axes=self.flips, point=self.untuned, connectivity=self.connectivity,
@@ -112,7 +113,8 @@ class Evaluator:
         options = model_cfg.operating_point
         thresholds = list(options.get("thresholds") or [model_cfg.threshold]) if self.spec.mode == "sigmoid" else [model_cfg.threshold]
         return OperatingPointSweep(self.spec.names, self.spec.mode, thresholds, list(options.get("min_component_mm3") or [0.0]), self.connectivity,
-                                   lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.empty_score, MatchingRule.from_options(lesion))
+                                   lesion.get("size_buckets_mm3", ()), lesion.get("bucket_names"), self.empty_score, MatchingRule.from_options(lesion),
+                                   list(options.get("min_component_score") or [0.0]), str(options.get("component_score") or "max"))
 
     # -- stage 1 ------------------------------------------------------------------------------------------------
 
@@ -131,8 +133,7 @@ class Evaluator:
             if store is not None:
                 path = store / (f"{case.target.name}.npz" if compact else f"{case.target.name}.npy")
                 save_probabilities(path, probs, compact)
-            reference = label_channels(nib.load(case.record["label"]), self.spec, str(case.record["label"])).numpy()
-            counts = self.sweep.case_counts(probs, reference, spacing_mm(nib.load(case.record["image"][0]))) if self.sweep is not None else None
+            counts = self.case_counts(case.record, probs) if self.sweep is not None else None
             return {"case": case.record["case"], "prepared": PreparedCase(case.record, case.target, {}, case.seconds), "probabilities": path, "counts": counts}
 
         results = self.run(cases, count, stage)
@@ -140,6 +141,12 @@ class Evaluator:
             for result in results:
                 self.sweep.add(result["counts"])
         return results
+
+    def case_counts(self, record: CaseRecord, probs: torch.Tensor) -> Any:
+        """The grid's counts of one case's probabilities ``(C_out, X, Y, Z)`` on its input grid against its label file
+        (not added to :attr:`sweep`)."""
+        reference = label_channels(nib.load(record["label"]), self.spec, str(record["label"])).numpy()
+        return self.sweep.case_counts(probs, reference, spacing_mm(nib.load(record["image"][0])))
 
     def run(self, cases: Sequence[CaseRecord], finish: Callable[[PreparedCase, torch.Tensor], dict[str, Any]], stage: str) -> list[dict[str, Any]]:
         """:func:`medseg.prediction.predict_cases` over ``cases`` with ``finish`` as the writer's work; a failed case

@@ -55,8 +55,8 @@ class SegmentationModule(L.LightningModule):
             point replaces it, see ``operating_point``).
         min_component_mm3: predicted components smaller than this are removed before scoring (0: none).
         operating_point: the final evaluation's sweep (:mod:`medseg.final_evaluation`): ``criterion``
-            (``"dice"``, ``"lesion_f1"``, or ``None`` to keep ``threshold`` / ``min_component_mm3``), ``thresholds``
-            and ``min_component_mm3`` (the grid); the chosen point becomes :attr:`postprocessing` and travels in
+            (``"dice"``, ``"lesion_f1"``, or ``None`` to keep ``threshold`` / ``min_component_mm3``), ``thresholds``,
+            ``min_component_mm3`` and ``min_component_score`` (the grid), ``component_score``; the chosen point becomes :attr:`postprocessing` and travels in
             checkpoints.
         empty_score: metric value for a case where reference and prediction are both empty.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
@@ -144,7 +144,7 @@ class SegmentationModule(L.LightningModule):
         self.lesion_options = {**(lesion_metrics or {}), "empty_score": empty_score}
         self.lesion_metrics = nn.ModuleDict({"val": nn.ModuleDict({n: LesionMetrics(**self.lesion_options) for n in names})}) if lesion_metrics else None
         # What turns probabilities into masks for scoring and prediction; replaced by the tuned point.
-        self.postprocessing = OperatingPoint.uniform(names, threshold, min_component_mm3)
+        self.postprocessing = OperatingPoint.uniform(names, threshold, min_component_mm3, component_score=str((operating_point or {}).get("component_score") or "max"))
         # Checkpoints of earlier versions have no model.connectivity: their lesion metrics' then, as before.
         self.connectivity = int(connectivity if connectivity is not None else (lesion_metrics or {}).get("connectivity", 26))
         if self.connectivity not in (6, 18, 26):
@@ -295,7 +295,7 @@ class SegmentationModule(L.LightningModule):
         """Binary masks ``(B, R, *spatial)`` of logits ``(B, C, *spatial)`` at :attr:`postprocessing`, post-processed as
         :mod:`medseg.prediction` does (``spacing`` ``(B, 3)`` mm turns sizes into voxels)."""
         point = self.postprocessing
-        if not any(point.min_component_mm3) and len(set(point.threshold)) == 1 and not self.label_spec.nesting:
+        if not point.filters_components and len(set(point.threshold)) == 1 and not self.label_spec.nesting:
             return binarize(logits, self.mode, point.threshold[0])  # on the logits' device, no copy to the CPU
         probs = probabilities(logits, self.mode)
         spacings = spacing.tolist() if spacing is not None else [[1.0, 1.0, 1.0]] * logits.shape[0]

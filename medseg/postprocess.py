@@ -1,8 +1,11 @@
 """Post-processing shared by the final evaluation and ``medseg.predict``: probabilities -> binary masks.
 
 One operating point per region (sigmoid) or class (softmax): a probability ``threshold`` (sigmoid only; a
-softmax class is its argmax) and a minimum connected-component volume ``min_component_mm3`` below which a
-predicted component is removed. Training's final evaluation tunes the point on the validation cases
+softmax class is its argmax), a minimum connected-component volume ``min_component_mm3`` below which a
+predicted component is removed, and a minimum component score ``min_component_score``: each component of the
+thresholded mask is scored by the maximum (or mean, ``component_score``) probability of its region inside it, as
+detection practice scores candidate lesions, and components scoring lower are removed (a low voxel threshold for
+the extent of a lesion, a high component score for whether it is one). Training's final evaluation tunes the point on the validation cases
 (:mod:`medseg.metrics.operating_point`), stores it in the run folder and its checkpoints, and prediction applies
 it from there. Both post-process the probabilities mapped back to each case's own voxel grid with
 :func:`postprocess`, and the final evaluation scores the label files it writes, so the reported numbers are those
@@ -20,16 +23,20 @@ from typing import Any
 import cc3d
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor
 
 # Key of the tuned operating point inside a checkpoint file, and the key naming the checkpoint it was tuned on.
 CHECKPOINT_KEY = "medseg_operating_point"
 TUNED_ON = "tuned_on"
+# How a predicted component is scored: the maximum or the mean probability of its region inside it.
+COMPONENT_SCORES = ("max", "mean")
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """Per-region post-processing: ``threshold[r]`` and ``min_component_mm3[r]`` for region/class ``r``.
+    """Per-region post-processing: ``threshold[r]``, ``min_component_mm3[r]`` and ``min_component_score[r]`` for
+    region/class ``r``.
 
     Attributes:
         names: region (sigmoid) or foreground class (softmax) names, in output order.
@@ -39,6 +46,10 @@ class OperatingPoint:
         score: the criterion's value at the point on the tuning cases (NaN if untuned).
         tta_flip_axes: the test-time flips of the probabilities the point was tuned on (``None``: not recorded);
             prediction uses the same unless told otherwise.
+        min_component_score: predicted components whose score is lower are removed (0 keeps all; ``()``: 0 for
+            every region). A component's max (and mean) probability is above the threshold already, so only
+            scores above the threshold remove anything.
+        component_score: ``"max"`` or ``"mean"`` probability of the region inside a component (softmax: of the class).
     """
 
     names: tuple[str, ...]
@@ -47,51 +58,74 @@ class OperatingPoint:
     criterion: str | None = None
     score: tuple[float, ...] = ()
     tta_flip_axes: tuple[int, ...] | None = None
+    min_component_score: tuple[float, ...] = ()
+    component_score: str = "max"
 
     def __post_init__(self) -> None:
-        if not (len(self.names) == len(self.threshold) == len(self.min_component_mm3)):
-            raise ValueError(f"expected one threshold and one min_component_mm3 per region {list(self.names)}, got {list(self.threshold)} and {list(self.min_component_mm3)}")
+        if not self.min_component_score:
+            object.__setattr__(self, "min_component_score", (0.0,) * len(self.names))
+        if not (len(self.names) == len(self.threshold) == len(self.min_component_mm3) == len(self.min_component_score)):
+            raise ValueError(f"expected one threshold, min_component_mm3 and min_component_score per region {list(self.names)}, "
+                             f"got {list(self.threshold)}, {list(self.min_component_mm3)} and {list(self.min_component_score)}")
         for t in self.threshold:
             if not (0.0 < t < 1.0):
                 raise ValueError(f"expected thresholds in (0, 1), got {list(self.threshold)}")
         for m in self.min_component_mm3:
             if not (m >= 0 and math.isfinite(m)):
                 raise ValueError(f"expected min_component_mm3 >= 0, got {list(self.min_component_mm3)}")
+        for s in self.min_component_score:
+            if not (0.0 <= s <= 1.0):
+                raise ValueError(f"expected min_component_score in [0, 1], got {list(self.min_component_score)}")
+        if self.component_score not in COMPONENT_SCORES:
+            raise ValueError(f"expected component_score one of {COMPONENT_SCORES}, got {self.component_score!r}")
 
     @classmethod
-    def uniform(cls, names: Sequence[str], threshold: float = 0.5, min_component_mm3: float = 0.0) -> OperatingPoint:
-        """The same threshold and minimum size for every region (the untuned default)."""
-        return cls(tuple(names), (float(threshold),) * len(names), (float(min_component_mm3),) * len(names))
+    def uniform(cls, names: Sequence[str], threshold: float = 0.5, min_component_mm3: float = 0.0, min_component_score: float = 0.0, component_score: str = "max") -> OperatingPoint:
+        """The same threshold, minimum size and minimum component score for every region (the untuned default)."""
+        n = len(names)
+        return cls(tuple(names), (float(threshold),) * n, (float(min_component_mm3),) * n, min_component_score=(float(min_component_score),) * n, component_score=component_score)
+
+    @property
+    def filters_components(self) -> bool:
+        """Whether any component is removed by size or score (else the masks are the thresholded probabilities)."""
+        return any(self.min_component_mm3) or any(self.min_component_score)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers (for JSON and for ``torch.load(weights_only=True)``)."""
         return {
             "criterion": self.criterion,
+            "component_score": self.component_score,
             "regions": {
-                name: {"threshold": t, "min_component_mm3": m, **({"score": s} if self.score else {})}
-                for name, t, m, s in zip(self.names, self.threshold, self.min_component_mm3, self.score or [None] * len(self.names))
+                name: {"threshold": t, "min_component_mm3": m, "min_component_score": c, **({"score": s} if self.score else {})}
+                for name, t, m, c, s in zip(self.names, self.threshold, self.min_component_mm3, self.min_component_score, self.score or [None] * len(self.names))
             },
             **({"tta_flip_axes": list(self.tta_flip_axes)} if self.tta_flip_axes is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OperatingPoint:
+        """The point of :meth:`to_dict` (points stored before the component score: no score filter)."""
         regions = data["regions"]
         names = tuple(regions)
         score = tuple(float(regions[n]["score"]) for n in names) if all("score" in regions[n] for n in names) else ()
         flips = tuple(int(a) for a in data["tta_flip_axes"]) if data.get("tta_flip_axes") is not None else None
-        return cls(names, tuple(float(regions[n]["threshold"]) for n in names), tuple(float(regions[n]["min_component_mm3"]) for n in names), data.get("criterion"), score, flips)
+        return cls(names, tuple(float(regions[n]["threshold"]) for n in names), tuple(float(regions[n]["min_component_mm3"]) for n in names), data.get("criterion"), score, flips,
+                   tuple(float(regions[n].get("min_component_score", 0.0)) for n in names), str(data.get("component_score", "max")))
 
-    def with_overrides(self, threshold: float | None = None, min_component_mm3: float | None = None) -> OperatingPoint:
-        """This point with one threshold and/or minimum size for every region (a user's explicit choice)."""
+    def with_overrides(self, threshold: float | None = None, min_component_mm3: float | None = None, min_component_score: float | None = None) -> OperatingPoint:
+        """This point with one threshold, minimum size and/or minimum component score for every region (a user's
+        explicit choice: the point is no longer the tuned one, so its criterion and score are dropped)."""
         n = len(self.names)
+        untouched = threshold is None and min_component_mm3 is None and min_component_score is None
         return OperatingPoint(
             self.names,
             self.threshold if threshold is None else (float(threshold),) * n,
             self.min_component_mm3 if min_component_mm3 is None else (float(min_component_mm3),) * n,
-            self.criterion if threshold is None and min_component_mm3 is None else None,
-            self.score if threshold is None and min_component_mm3 is None else (),
+            self.criterion if untouched else None,
+            self.score if untouched else (),
             self.tta_flip_axes,
+            self.min_component_score if min_component_score is None else (float(min_component_score),) * n,
+            self.component_score,
         )
 
 
@@ -109,22 +143,54 @@ def min_component_voxels(min_component_mm3: float, voxel_mm3: float) -> int:
     return max(math.ceil(min_component_mm3 / voxel_mm3 * (1.0 - 1e-6)), 1)
 
 
-def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26) -> np.ndarray:
-    """``mask`` without its connected components of fewer than ``min_voxels`` voxels.
+def component_scores(components: np.ndarray, n: int, probability: np.ndarray, statistic: str = "max") -> np.ndarray:
+    """The score of each labelled component: the ``"max"`` or ``"mean"`` of ``probability`` inside it.
+
+    Args:
+        components: integer ``(X, Y, Z)`` component ids ``1..n``, 0 = background.
+        n: the number of components.
+        probability: ``(X, Y, Z)`` probabilities of the region (float).
+
+    Returns:
+        float64 ``(n,)``: the score of component ``k`` at index ``k - 1``.
+    """
+    if statistic not in COMPONENT_SCORES:
+        raise ValueError(f"expected component_score one of {COMPONENT_SCORES}, got {statistic!r}")
+    if n == 0:
+        return np.zeros(0)
+    if statistic == "max":
+        return np.asarray(ndimage.maximum(probability, components, np.arange(1, n + 1)), dtype=np.float64)
+    ids = components.ravel()
+    sums = np.bincount(ids, weights=np.asarray(probability, dtype=np.float64).ravel(), minlength=n + 1)[1:]
+    return sums / np.maximum(np.bincount(ids, minlength=n + 1)[1:], 1)
+
+
+def filter_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26, probability: np.ndarray | None = None, min_score: float = 0.0, statistic: str = "max") -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_voxels`` voxels or scoring below ``min_score``
+    (:func:`component_scores` of ``probability``).
 
     Args:
         mask: boolean ``(X, Y, Z)``.
+        probability: ``(X, Y, Z)`` probabilities of the region; needed when ``min_score > 0``.
 
     Returns:
         Boolean ``(X, Y, Z)``.
     """
-    if min_voxels <= 1 or not mask.any():  # every component has at least one voxel
+    if (min_voxels <= 1 and min_score <= 0) or not mask.any():  # every component has at least one voxel
         return mask
-    components = cc3d.connected_components(mask, connectivity=connectivity)  # (X, Y, Z) ids, 0 = background
-    sizes = np.bincount(components.ravel())  # voxels per component id
-    keep = sizes >= min_voxels
+    components, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)  # (X, Y, Z) ids, 0 = background
+    keep = np.bincount(components.ravel(), minlength=n + 1) >= min_voxels  # by voxels per component id
+    if min_score > 0:
+        if probability is None:
+            raise ValueError("a minimum component score needs the probabilities")
+        keep[1:] &= component_scores(components, n, probability, statistic) >= min_score
     keep[0] = False
     return keep[components]
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: float, connectivity: int = 26) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_voxels`` voxels (boolean ``(X, Y, Z)``)."""
+    return filter_components(mask, min_voxels, connectivity)
 
 
 def foreground_masks(probs: Tensor, mode: str, threshold: Sequence[float]) -> np.ndarray:
@@ -157,7 +223,8 @@ def class_index(probs: Tensor, slab_voxels: int = 2**24) -> np.ndarray:
 
 
 def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: float, connectivity: int = 26, nesting: Sequence[tuple[int, int]] = ()) -> np.ndarray:
-    """Probabilities to the final binary masks of ``point``: threshold (or argmax), then small components removed.
+    """Probabilities to the final binary masks of ``point``: threshold (or argmax), then the components smaller than
+    the minimum size or scoring below the minimum component score removed.
 
     Nested regions (``nesting``: ``(outer, inner)`` channel pairs, :attr:`medseg.data.labels.LabelSpec.nesting`, e.g.
     BraTS WT ⊇ TC ⊇ ET) stay nested, so that the masks survive the trip to dataset labels and back unchanged: an
@@ -182,10 +249,18 @@ def postprocess(probs: Tensor, mode: str, point: OperatingPoint, voxel_mm3: floa
         for i in inners[r]:
             masks[r] |= masks[i]
     for r in order:
-        masks[r] = remove_small_components(masks[r], min_component_voxels(point.min_component_mm3[r], voxel_mm3), connectivity)
+        min_score = point.min_component_score[r]
+        probability = region_probability(probs, mode, r).numpy() if min_score > 0 else None
+        masks[r] = filter_components(masks[r], min_component_voxels(point.min_component_mm3[r], voxel_mm3), connectivity, probability, min_score, point.component_score)
         for i in inners[r]:
             masks[i] &= masks[r]  # components removed from the outer region take their inner voxels with them
     return masks
+
+
+def region_probability(probs: Tensor, mode: str, region: int) -> Tensor:
+    """The probability map ``(*spatial)`` of region/class ``region`` of ``probs`` ``(C_out, *spatial)`` on the CPU:
+    channel ``region`` (sigmoid) or ``region + 1`` (softmax, background first)."""
+    return probs[region if mode == "sigmoid" else region + 1].detach().cpu()
 
 
 def probabilities(logits: Tensor, mode: str, inplace: bool = False) -> Tensor:

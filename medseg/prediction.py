@@ -40,15 +40,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medseg.build import build_model, preprocessing_from_config
 from medseg.config import ConfigError, check_required
 from medseg.data.labels import LabelSpec
-from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, reference_label_folders
+from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, find_label_files, reference_label_folders
 from medseg.data.layouts.base import strip_nifti_suffix
 from medseg.data.transforms import IMAGE
 from medseg.ensemble import EnsembleModel, check_members, load_members, resolve_checkpoint, resolve_checkpoints  # noqa: F401 (resolve_checkpoint: public here too)
-from medseg.evaluation import spacing_mm
+from medseg.evaluation import label_channels, spacing_mm
 from medseg.io import write_csv_atomic, write_json_atomic, write_nifti_atomic, write_text_atomic
 from medseg.lesion_table import COLUMNS as LESION_COLUMNS
+from medseg.lesion_table import REFERENCE_COLUMNS as LESION_REFERENCE_COLUMNS
 from medseg.lesion_table import SCORES as LESION_SCORES
 from medseg.lesion_table import lesion_rows
+from medseg.metrics.matching import MatchingRule
 from medseg.module import SegmentationModule
 from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON, OperatingPoint, postprocess
 
@@ -243,6 +245,8 @@ class PredictOptions:
     connectivity: int = 26  # of the components the point's size filter removes: the model's
     save_probabilities: bool = False
     lesion_score: str | None = None  # "max" or "mean": write a per-lesion table with that component score; None: none
+    reference_labels: dict[str, str] = field(default_factory=dict)  # case id -> reference label file: the tables say what each lesion matched
+    matching: MatchingRule = field(default_factory=MatchingRule)  # the checkpoint's lesion matching rule (model.lesion_metrics)
     in_channels: int | None = None  # None skips the channel check
     inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
 
@@ -347,11 +351,13 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
     if options.lesion_score is not None:
         table = options.output / LESION_DIR / f"{strip_nifti_suffix(case.target.name)}.csv"
-        rows = lesion_rows(masks, probs, spec.names, spec.mode, reference.affine, options.connectivity, options.lesion_score)
+        label_file = options.reference_labels.get(str(case.record["case"]))
+        truth = reference_masks(label_file, spec, masks.shape) if label_file else None
+        rows = lesion_rows(masks, probs, spec.names, spec.mode, reference.affine, options.connectivity, options.lesion_score, truth, options.matching)
         if rows:
             write_csv_atomic(rows, table)
         else:  # no lesion predicted: the header alone
-            write_text_atomic(table, ",".join(LESION_COLUMNS) + "\n")
+            write_text_atomic(table, ",".join(LESION_COLUMNS + (LESION_REFERENCE_COLUMNS if truth is not None else ())) + "\n")
         result["lesions"], result["lesion_table"] = len(rows), str(table)
     del masks
     if options.save_probabilities:
@@ -361,6 +367,18 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
         result["probabilities"] = str(prob_path)
     result["seconds"] = round(case.seconds + time.perf_counter() - start, 2)
     return result
+
+
+def reference_masks(label_file: str, spec: LabelSpec, shape: Sequence[int]) -> np.ndarray:
+    """A case's reference label file as boolean ``(R, X, Y, Z)`` masks in the model's label convention.
+
+    Raises:
+        ValueError: naming the file, when its values or its grid do not fit the prediction's (``shape``).
+    """
+    masks = label_channels(nib.load(label_file), spec, label_file).numpy()
+    if tuple(masks.shape) != tuple(shape):
+        raise ValueError(f"reference {label_file}: a {list(masks.shape[1:])} grid, the prediction's is {list(shape[1:])}")
+    return masks
 
 
 def write_case(case: PreparedCase, probs: Tensor | list[Tensor], transform: Compose, spec: LabelSpec, options: PredictOptions) -> dict[str, Any]:
@@ -511,6 +529,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     check_required(cfg, REQUIRED_HELP)
     if cfg.get("min_component_mm3") is not None and not cfg.min_component_mm3 >= 0:
         raise ConfigError(f"expected min_component_mm3 >= 0 (or null: the checkpoint's tuned value), got {cfg.min_component_mm3}")
+    if cfg.get("min_component_score") is not None and not 0 <= cfg.min_component_score <= 1:
+        raise ConfigError(f"expected min_component_score in [0, 1] (or null: the checkpoint's tuned value), got {cfg.min_component_score}")
     if cfg.get("threshold") is not None and not 0 < cfg.threshold < 1:
         raise ConfigError(f"expected threshold in (0, 1) (or null: the checkpoint's tuned value), got {cfg.threshold}")
     if not isinstance(cfg.prefetch, int) or isinstance(cfg.prefetch, bool) or cfg.prefetch < 0:
@@ -524,7 +544,13 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     cases, input_folders, enclosing_root = find_input_cases(source, list(data_cfg.get("modalities") or ()), str(cfg.data_section), data_cfg.get("layout"))
     # Reference labels near the input and of the training dataset are never overwritten (an MSD task's labelsTr/).
     sources = source if isinstance(source, list) else [source]
-    references = reference_label_folders(*(Path(str(s)).expanduser().parent if str(s).endswith(NIFTI_SUFFIXES) else s for s in sources), data_cfg.get("root"))
+    references = reference_label_folders(*(Path(str(s)).expanduser().parent if str(s).endswith(NIFTI_SUFFIXES) else s for s in sources), data_cfg.get("root"), cfg.get("reference"))
+    reference_labels = find_label_files(cfg.reference) if cfg.get("reference") else {}
+    if reference_labels:
+        references += sorted({Path(f).resolve().parent for f in reference_labels.values()})  # never written into
+        unmatched = [str(c["case"]) for c in cases if str(c["case"]) not in reference_labels]
+        if unmatched:
+            log.warning("No reference label under %s for %d case(s) (%s): their lesion tables list the predicted lesions only", cfg.reference, len(unmatched), ", ".join(unmatched[:5]))
     output = check_output_folder(cfg.output, input_folders, enclosing_root, references)
     names = [output_name(str(c["case"])) for c in cases]
     if len(set(names)) < len(names):
@@ -533,7 +559,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     spec = LabelSpec.from_config(data_cfg.labels)
     transform = preprocessing_from_config(data_cfg, with_label=False)
     # The checkpoint's operating point (tuned after training, or its model.threshold), unless overridden here.
-    point = model.postprocessing.with_overrides(cfg.get("threshold"), cfg.get("min_component_mm3"))
+    point = model.postprocessing.with_overrides(cfg.get("threshold"), cfg.get("min_component_mm3"), cfg.get("min_component_score"))
     options = PredictOptions(
         output=output,
         device=device,
@@ -541,7 +567,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         point=point,
         connectivity=model.connectivity,
         save_probabilities=bool(cfg.save_probabilities),
-        lesion_score=lesion_score(cfg),
+        lesion_score=lesion_score(cfg, point),
+        reference_labels=reference_labels,
+        matching=MatchingRule.from_options(OmegaConf.to_container(train_cfg.model.lesion_metrics, resolve=True) if train_cfg.model.get("lesion_metrics") else None),
         in_channels=data_cfg.get("in_channels"),
         inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
     )
@@ -549,6 +577,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     made_by = {
         "checkpoint": checkpoints if isinstance(model, EnsembleModel) else checkpoints[0],
         "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "lesion_score": options.lesion_score,
+                    **({"reference": str(Path(str(cfg.reference)).expanduser().resolve())} if reference_labels else {}),
                     "inferer": {k: v for k, v in dict(model.inferer).items() if k not in ("device", "sw_device")}},
     }  # fmt: skip
     inputs = {str(c["case"]): [str(f) for f in c["image"]] for c in cases}
@@ -578,11 +607,12 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     return ordered
 
 
-def lesion_score(cfg: DictConfig) -> str | None:
-    """The component score of the per-lesion tables (``lesion_table``, ``lesion_score``), ``None`` without tables."""
-    if not cfg.get("lesion_table", False):
+def lesion_score(cfg: DictConfig, point: OperatingPoint) -> str | None:
+    """The component score of the per-lesion tables (``lesion_table``, or a ``reference`` to match them with;
+    ``lesion_score``, unset: the operating point's), ``None`` without tables."""
+    if not cfg.get("lesion_table", False) and not cfg.get("reference"):
         return None
-    score = str(cfg.get("lesion_score", "max"))
+    score = str(cfg.get("lesion_score") or point.component_score)
     if score not in LESION_SCORES:
         raise ConfigError(f"expected lesion_score one of {list(LESION_SCORES)}, got {score!r}")
     return score

@@ -88,7 +88,7 @@ def save_operating_point(cfg: DictConfig, result: FinalEvaluation, checkpoint: s
         from medseg.viz import plot_operating_point, save_figure  # matplotlib only when there is a sweep to draw
 
         save_figure(plot_operating_point(result.sweep_table, point.to_dict()["regions"], str(point.criterion)), out / "operating_point_sweep.png")
-        chosen = ", ".join(f"{n}: threshold {t:g}, min component {m:g} mm^3" for n, t, m in zip(point.names, point.threshold, point.min_component_mm3))
+        chosen = ", ".join(f"{n}: threshold {t:g}, min component {m:g} mm^3, min component score {c:g}" for n, t, m, c in zip(point.names, point.threshold, point.min_component_mm3, point.min_component_score))
         log.info("Operating point (max %s on the validation cases): %s", point.criterion, chosen)
     # Every checkpoint carries the point, with the name of the one whose probabilities it was tuned on (prediction
     # with other weights warns).
@@ -112,7 +112,7 @@ def report(cfg: DictConfig, result: FinalEvaluation, model: SegmentationModule, 
     if result.untuned is not None:
         print_metrics_table({f"{FINAL}/{k}": v for k, v in result.untuned["metrics"].items()}, names, FINAL, title=f"Validation cases, {weights}, before post-processing (original geometry)")
     point = result.point
-    configured = (point.threshold, point.min_component_mm3) == ((float(cfg.model.threshold),) * len(names), (float(cfg.model.get("min_component_mm3") or 0.0),) * len(names))
+    configured = (point.threshold, point.min_component_mm3, point.min_component_score) == ((float(cfg.model.threshold),) * len(names), (float(cfg.model.get("min_component_mm3") or 0.0),) * len(names), (0.0,) * len(names))
     where = "" if point.criterion is None else f", {'configured' if configured else 'tuned'} operating point (max {point.criterion})"
     print_metrics_table({f"{FINAL}/{k}": v for k, v in result.summary["metrics"].items()}, names, FINAL, title=f"Validation cases, {weights}{where} (original geometry)")
     summary = {**result.summary, "checkpoint": checkpoint, "operating_point": point.to_dict(), "training": fit_metrics}

@@ -119,34 +119,53 @@ def plot_recall_by_size(
 
 
 def plot_operating_point(rows: Sequence[Row], chosen: Mapping[str, Mapping[str, float]], criterion: str) -> Figure:
-    """The operating-point sweep: per region, the criterion and the small-lesion recall against the threshold,
-    one line per minimum component size, the chosen pair circled.
+    """The operating-point sweep: per region, the criterion, the small-lesion recall and the false positives per
+    case against the threshold, one line per minimum component size (at the chosen minimum component score), the
+    chosen point circled; with a grid of component scores, a last panel of the criterion against the minimum
+    component score at the chosen threshold, one line per size.
 
     Args:
-        rows: rows of ``operating_point_sweep.csv`` (``region``, ``threshold``, ``min_component_mm3``, scores).
-        chosen: ``{region: {"threshold": t, "min_component_mm3": m}}`` (``operating_point.json``'s ``regions``).
+        rows: rows of ``operating_point_sweep.csv`` (``region``, ``threshold``, ``min_component_mm3``, optionally
+            ``min_component_score``, scores).
+        chosen: ``{region: {"threshold": t, "min_component_mm3": m, "min_component_score": c}}``
+            (``operating_point.json``'s ``regions``).
         criterion: the score column that was maximised (``dice``, ``lesion_f1``).
     """
     regions = list(dict.fromkeys(r["region"] for r in rows))
     recall_keys = [k for k in rows[0] if k.startswith("lesion_recall_")] if rows else []
     panels = [criterion, *recall_keys[:1], "fp_per_case"]
-    fig, axes = plt.subplots(len(regions), len(panels), figsize=(4.2 * len(panels), 3.2 * len(regions)), squeeze=False)
+    min_scores = sorted({float(r.get("min_component_score") or 0.0) for r in rows})
+    columns = len(panels) + (len(min_scores) > 1)
+    fig, axes = plt.subplots(len(regions), columns, figsize=(4.2 * columns, 3.2 * len(regions)), squeeze=False)
     for row_axes, region in zip(axes, regions):
-        subset = [r for r in rows if r["region"] == region]
+        pick = chosen.get(region)
+        pick_score = float((pick or {}).get("min_component_score") or 0.0)
+        every = [r for r in rows if r["region"] == region]
+        subset = [r for r in every if float(r.get("min_component_score") or 0.0) == pick_score]
         sizes = list(dict.fromkeys(float(r["min_component_mm3"]) for r in subset))
         for ax, score in zip(row_axes, panels):
             for size in sizes:
                 line = sorted((float(r["threshold"]), float(r[score])) for r in subset if float(r["min_component_mm3"]) == size)
                 ax.plot(*zip(*line), marker="o", markersize=3, linewidth=1.1, label=f">= {size:g} mm³")
-            pick = chosen.get(region)
             if pick:
                 value = next(float(r[score]) for r in subset if float(r["threshold"]) == pick["threshold"] and float(r["min_component_mm3"]) == pick["min_component_mm3"])
                 ax.plot([pick["threshold"]], [value], "o", markersize=11, markerfacecolor="none", markeredgecolor="black")
             ax.set_xlabel("threshold")
-            ax.set_title(f"{region}: {score}", fontsize=10)
+            ax.set_title(f"{region}: {score}" + (f" (component score >= {pick_score:g})" if len(min_scores) > 1 else ""), fontsize=10)
             ax.grid(alpha=0.3)
             if score == "fp_per_case":
                 ax.set_yscale("symlog")
+        if len(min_scores) > 1 and pick:
+            ax = row_axes[-1]
+            at_threshold = [r for r in every if float(r["threshold"]) == pick["threshold"]]
+            for size in sizes:
+                line = sorted((float(r.get("min_component_score") or 0.0), float(r[criterion])) for r in at_threshold if float(r["min_component_mm3"]) == size)
+                ax.plot(*zip(*line), marker="o", markersize=3, linewidth=1.1)
+            value = next(float(r[criterion]) for r in at_threshold if float(r["min_component_mm3"]) == pick["min_component_mm3"] and float(r.get("min_component_score") or 0.0) == pick_score)
+            ax.plot([pick_score], [value], "o", markersize=11, markerfacecolor="none", markeredgecolor="black")
+            ax.set_xlabel("minimum component score")
+            ax.set_title(f"{region}: {criterion} at threshold {pick['threshold']:g}", fontsize=10)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, title="kept components", title_fontsize=7)
     fig.tight_layout()
     return fig

@@ -137,3 +137,30 @@ def test_cli_refuses_bad_fold_settings_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "medseg.crossval", "+experiment=demo", f"data.root={tmp_path}", "crossval.folds=1", f"hydra.run.dir={tmp_path / 'cv'}"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "crossval.folds" in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_aggregating_with_a_new_grid_counts_the_stored_probabilities_again(crossval_run, brats_tree, monkeypatch):
+    import csv
+
+    import numpy as np
+
+    from medseg.crossvalidation import crossval
+    from medseg.final_evaluation import Evaluator
+
+    cv, _ = crossval_run
+    counted = []
+    original = Evaluator.case_counts
+    monkeypatch.setattr(Evaluator, "case_counts", lambda self, record, probs: counted.append(record["case"]) or original(self, record, probs))
+    grid = ["crossval.train=false", "model.operating_point.min_component_score=[0.0,0.6,0.9]", "model.operating_point.component_score=mean"]
+    summary = crossval(cv_config(brats_tree, cv, *grid))
+    assert sorted(counted) == sorted(p.name for p in brats_tree.iterdir() if p.is_dir())  # every out-of-fold case, once, no training
+    for fold in range(3):
+        oof = cv / f"fold_{fold}" / "oof"
+        assert np.load(oof / "sweep_counts.npy").shape[3] == 3
+        assert json.loads((oof / "sweep_grid.json").read_text())["min_component_score"] == [0.0, 0.6, 0.9]
+    rows = list(csv.DictReader((cv / "operating_point_sweep.csv").open()))
+    assert sorted({float(r["min_component_score"]) for r in rows}) == [0.0, 0.6, 0.9]
+    point = summary["operating_point"]
+    assert point["component_score"] == "mean" and all(r["min_component_score"] in (0.0, 0.6, 0.9) for r in point["regions"].values())
+    counted.clear()
+    assert crossval(cv_config(brats_tree, cv, *grid))["operating_point"] == point and counted == []  # the same grid: the stored counts

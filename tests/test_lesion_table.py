@@ -63,3 +63,58 @@ def test_predict_writes_a_table_of_the_components_of_each_written_region(brats_t
     # predicted again without tables (overwrite=true): the earlier run's table goes with its other files
     predict(predict_config(ckpt, brats_tree / "SYN-0000", out, "overwrite=true", "min_component_mm3=0"))
     assert not list((out / "lesions").glob("*.csv"))
+
+
+@pytest.mark.parametrize("rule", ["one_to_one", "msseg", "overlap"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rows_with_a_reference_count_what_lesion_metrics_counts(rule, seed):
+    from scipy import ndimage
+
+    from medseg.metrics.lesion import lesion_metrics
+    from medseg.metrics.matching import MatchingRule
+
+    rng = np.random.default_rng(seed)
+    shape = (28, 24, 20)
+    masks = (ndimage.gaussian_filter(rng.random(shape), 1.0) > 0.56)[None]
+    reference = (ndimage.gaussian_filter(rng.random(shape), 1.0) > 0.56)[None]
+    probs = torch.from_numpy(rng.random((1, *shape))).float()
+    options = {"matching": rule, "msseg": {"min_lesion_mm3": 3.0}}
+    rows = lesion_rows(masks, probs, ["lesion"], "sigmoid", np.diag([1.0, 1.0, 1.5, 1.0]), connectivity=6, reference=reference, rule=MatchingRule.from_options(options))
+    expected = lesion_metrics(masks[0], reference[0], (1.0, 1.0, 1.5), connectivity=6, dilation_mm=0.0, **options)
+    kinds = [r["detection"] for r in rows]
+    assert kinds.count("true positive") == expected["n_pred_lesions"] - expected["false_positives"] > 0
+    assert kinds.count("false positive") == expected["false_positives"]
+    assert kinds.count("missed") == expected["n_ref_lesions"] - expected["detected"] > 0
+    assert sum(r["lesion"] != "" for r in rows) == cc3d.connected_components(masks[0], connectivity=6, return_N=True)[1]
+    ref_labels, n_ref = cc3d.connected_components(reference[0], connectivity=6, return_N=True)
+    sizes = np.bincount(ref_labels.ravel())[1:]
+    for row in rows:
+        linked = [int(q) for q in row["reference_lesions"].split(";") if q]
+        assert (row["detection"] == "true positive") <= bool(linked)  # a true positive is linked to a reference lesion
+        if row["detection"] == "missed":  # a missed lesion's row describes that reference lesion
+            assert linked and row["voxels"] == sorted(sizes, reverse=True)[linked[0] - 1]
+        if rule == "one_to_one" and row["detection"] == "true positive":
+            assert len(linked) == 1
+    if rule == "one_to_one":  # one-to-one: no reference lesion is matched twice
+        matched = [r["reference_lesions"] for r in rows if r["detection"] == "true positive"]
+        assert len(matched) == len(set(matched))
+
+
+def test_predict_with_a_reference_marks_each_lesion(brats_tree, tmp_path):
+    from test_predict import predict_config, untrained_checkpoint
+
+    from medseg.lesion_table import REFERENCE_COLUMNS
+    from medseg.metrics.lesion import lesion_metrics
+    from medseg.prediction import predict
+
+    ckpt = untrained_checkpoint(tmp_path / "demo.ckpt", "+experiment=demo", "data.root=unused", "data.synthetic=null", "data.patch_size=[32,32,32]")
+    (result,) = predict(predict_config(ckpt, brats_tree / "SYN-0000", tmp_path / "out", f"reference={brats_tree}", "min_component_mm3=0", "threshold=0.3"))
+    rows = list(csv.DictReader(open(result["lesion_table"])))
+    assert set(rows[0]) == set(COLUMNS) | set(REFERENCE_COLUMNS)
+    labels = np.asarray(nib.load(result["prediction"]).dataobj)
+    truth = np.asarray(nib.load(next((brats_tree / "SYN-0000").glob("*seg.nii.gz"))).dataobj)
+    wt = [r for r in rows if r["region"] == "wt"]
+    expected = lesion_metrics(np.isin(labels, (1, 2, 4)), np.isin(truth, (1, 2, 4)), connectivity=26, dilation_mm=0.0)  # the demo's rule: one-to-one
+    assert sum(r["detection"] == "missed" for r in wt) == expected["n_ref_lesions"] - expected["detected"]
+    assert sum(r["detection"] == "false positive" for r in wt) == expected["false_positives"]
+    assert sum(r["detection"] == "true positive" for r in wt) == expected["n_pred_lesions"] - expected["false_positives"]

@@ -20,6 +20,7 @@ from medseg.postprocess import CHECKPOINT_KEY, OperatingPoint, min_component_vox
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 SIZES = (0.0, 6.0, 20.0, 60.0)
+MIN_SCORES = (0.0, 0.6, 0.75)
 EDGES = (10.0, 50.0)
 
 
@@ -48,23 +49,47 @@ def test_sweep_counts_equal_lesion_metrics_of_the_postprocessed_mask(seed, rule)
     options = RULES[rule]
     probs, target = random_case(seed)
     spacing = (1.0, 1.5, 2.0)  # 3 mm^3 voxels: sizes are volumes, not voxel counts
-    counts = sweep_case(probs, target, "sigmoid", spacing, THRESHOLDS, SIZES, 26, EDGES, rule=MatchingRule.from_options(options))
-    assert counts.shape[:3] == (2, len(THRESHOLDS), len(SIZES))
-    checked = 0
+    statistic = ("max", "mean")[seed % 2]
+    counts = sweep_case(probs, target, "sigmoid", spacing, THRESHOLDS, SIZES, 26, EDGES, rule=MatchingRule.from_options(options), min_component_score=MIN_SCORES, component_score=statistic)
+    assert counts.shape[:4] == (2, len(THRESHOLDS), len(SIZES), len(MIN_SCORES))
+    checked, scored_away = 0, 0
     for i, t in enumerate(THRESHOLDS):
         for j, m in enumerate(SIZES):
-            point = OperatingPoint(("a", "b"), (t, t), (m, m))
-            masks = postprocess(probs, "sigmoid", point, voxel_mm3=3.0)
-            for r in range(2):
-                ref = lesion_metrics(masks[r], target[r], spacing, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), dilation_mm=0.0, **options)
-                tp = (masks[r] & target[r]).sum()
-                dice = 2 * tp / (masks[r].sum() + target[r].sum())
-                got = dict(zip(FIELDS, counts[r, i, j, : len(FIELDS)]))
-                assert (got["dice_sum"], got["dice_cases"]) == (pytest.approx(dice), 1.0)
-                assert (got["n_ref_lesions"], got["detected"], got["n_pred_lesions"], got["false_positives"]) == (ref["n_ref_lesions"], ref["detected"], ref["n_pred_lesions"], ref["false_positives"])
-                assert list(counts[r, i, j, len(FIELDS) :: 2]) == [ref[f"detected_{b}"] for b in ("tiny", "small", "big")]
-                checked += ref["n_pred_lesions"] > 0
+            for k, c in enumerate(MIN_SCORES):
+                point = OperatingPoint(("a", "b"), (t, t), (m, m), min_component_score=(c, c), component_score=statistic)
+                masks = postprocess(probs, "sigmoid", point, voxel_mm3=3.0)
+                for r in range(2):
+                    ref = lesion_metrics(masks[r], target[r], spacing, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), dilation_mm=0.0, **options)
+                    tp = (masks[r] & target[r]).sum()
+                    dice = 2 * tp / (masks[r].sum() + target[r].sum())
+                    got = dict(zip(FIELDS, counts[r, i, j, k, : len(FIELDS)]))
+                    assert (got["dice_sum"], got["dice_cases"]) == (pytest.approx(dice), 1.0)
+                    assert (got["n_ref_lesions"], got["detected"], got["n_pred_lesions"], got["false_positives"]) == (ref["n_ref_lesions"], ref["detected"], ref["n_pred_lesions"], ref["false_positives"])
+                    assert list(counts[r, i, j, k, len(FIELDS) :: 2]) == [ref[f"detected_{b}"] for b in ("tiny", "small", "big")]
+                    checked += ref["n_pred_lesions"] > 0
+                    scored_away += got["n_pred_lesions"] < counts[r, i, j, 0, FIELDS.index("n_pred_lesions")]
     assert checked > 10  # the grid is not all empty predictions
+    assert scored_away > 3  # and the score filter removes components somewhere on it
+
+
+def test_component_scores_against_a_per_component_loop():
+    from medseg.postprocess import component_scores, filter_components
+
+    rng = np.random.default_rng(3)
+    probability = rng.random((20, 18, 16))
+    mask = ndimage.gaussian_filter(rng.random((20, 18, 16)), 1.0) > 0.55
+    components, n = ndimage.label(mask)
+    assert n > 5
+    for statistic, reduce in (("max", np.max), ("mean", np.mean)):
+        expected = np.array([reduce(probability[components == k]) for k in range(1, n + 1)])
+        np.testing.assert_allclose(component_scores(components, n, probability, statistic), expected, rtol=1e-12)
+    # a 6-connected labelling (scipy's default) and the filter's agree: kept = components scoring >= 0.9
+    scores = component_scores(components, n, probability, "max")
+    kept = filter_components(mask, 0, 6, probability.astype(np.float32), 0.9, "max")
+    np.testing.assert_array_equal(kept, np.isin(components, 1 + np.flatnonzero(scores >= 0.9)))
+    assert 0 < kept.sum() < mask.sum()
+    with pytest.raises(ValueError, match="probabilities"):
+        filter_components(mask, 0, 6, None, 0.5)
 
 
 def test_softmax_sweep_uses_the_argmax_once():
@@ -78,7 +103,7 @@ def test_softmax_sweep_uses_the_argmax_once():
         masks = postprocess(probs, "softmax", OperatingPoint(("x", "y"), (0.5, 0.5), (m, m)), 1.0)
         for r in range(2):
             ref = lesion_metrics(masks[r], target[r], size_buckets_mm3=(), bucket_names=("all",), dilation_mm=0.0)
-            got = dict(zip(FIELDS, counts[r, 0, j]))
+            got = dict(zip(FIELDS, counts[r, 0, j, 0]))
             assert (got["detected"], got["false_positives"]) == (ref["detected"], ref["false_positives"])
 
 
@@ -95,7 +120,7 @@ def test_metric_pools_cases_and_chooses_the_best_point():
         point = sweep.choose(criterion)
         for r, name in enumerate(("a", "b")):
             i, j = THRESHOLDS.index(point.threshold[r]), SIZES.index(point.min_component_mm3[r])
-            assert scores[criterion][r, i, j] == pytest.approx(scores[criterion][r].max().item())
+            assert scores[criterion][r, i, j, 0] == pytest.approx(scores[criterion][r].max().item())
             assert point.score[r] == pytest.approx(scores[criterion][r].max().item())
     # pooled F1 from the per-case lesion metrics at one grid point
     n_ref = detected = n_pred = fp = 0
@@ -105,7 +130,7 @@ def test_metric_pools_cases_and_chooses_the_best_point():
         n_ref, detected, n_pred, fp = n_ref + ref["n_ref_lesions"], detected + ref["detected"], n_pred + ref["n_pred_lesions"], fp + ref["false_positives"]
     precision, recall = (n_pred - fp) / n_pred, detected / n_ref
     assert detected > 0
-    assert scores["lesion_f1"][0, 1, 2].item() == pytest.approx(2 * precision * recall / (precision + recall))
+    assert scores["lesion_f1"][0, 1, 2, 0].item() == pytest.approx(2 * precision * recall / (precision + recall))
     rows = sweep.table()
     assert len(rows) == 2 * len(THRESHOLDS) * len(SIZES) and {"lesion_recall_tiny", "fp_per_case", "lesion_f1"} <= set(rows[0])
 
@@ -118,6 +143,13 @@ def test_ties_go_to_the_default_point_and_bad_criteria_fail():
     assert point.threshold == (0.3,)
     with pytest.raises(ValueError, match="criterion"):
         choose_operating_point(flat, "accuracy", ["r"], THRESHOLDS, SIZES)
+    # with a score axis: ties to no score filter; a strict maximum anywhere wins
+    grid = np.ones((1, 3, 4, 3))
+    point = choose_operating_point(grid, "lesion_f1", ["r"], THRESHOLDS, SIZES, 0.5, MIN_SCORES, "mean")
+    assert (point.threshold, point.min_component_mm3, point.min_component_score, point.component_score) == ((0.5,), (0.0,), (0.0,), "mean")
+    grid[0, 0, 2, 2] = 1.5
+    point = choose_operating_point(grid, "lesion_f1", ["r"], THRESHOLDS, SIZES, 0.5, MIN_SCORES)
+    assert (point.threshold, point.min_component_mm3, point.min_component_score, point.score) == ((0.3,), (20.0,), (0.75,), (1.5,))
 
 
 def test_nan_empty_score_leaves_empty_cases_out_of_the_dice_as_overlap_metrics_do():
@@ -131,7 +163,7 @@ def test_nan_empty_score_leaves_empty_cases_out_of_the_dice_as_overlap_metrics_d
     sweep = OperatingPointSweep(("lesion",), "sigmoid", (0.2, 0.5), (0.0,), empty_score=float("nan"))
     for probs, target in ((probs_a, target_a), (probs_b, target_b)):
         sweep.update(probs[None], torch.from_numpy(target)[None])
-    dice = sweep.compute()["dice"][0, :, 0]
+    dice = sweep.compute()["dice"][0, :, 0, 0]
     for i, t in enumerate((0.2, 0.5)):
         overlap = OverlapMetrics(["lesion"], empty_score=float("nan"))
         for probs, target in ((probs_a, target_a), (probs_b, target_b)):
@@ -152,16 +184,24 @@ def test_a_component_at_the_size_limit_is_kept_whatever_the_float_precision():
     point = OperatingPoint(("lesion",), (0.5,), (11.7,))
     for voxel_mm3 in (v64, v32):
         assert postprocess(probs, "sigmoid", point, voxel_mm3).sum() == 25
-    counts = dict(zip(FIELDS, sweep_case(probs, target, "sigmoid", spacing, (0.5,), (11.7,))[0, 0, 0]))
+    counts = dict(zip(FIELDS, sweep_case(probs, target, "sigmoid", spacing, (0.5,), (11.7,))[0, 0, 0, 0]))
     assert (counts["n_pred_lesions"], counts["dice_sum"]) == (1, pytest.approx(1.0))
     with pytest.raises(ValueError, match="voxel volume"):
         min_component_voxels(1.0, 0.0)
 
 
 def test_operating_point_round_trip_and_validation():
-    point = OperatingPoint(("wt", "tc"), (0.4, 0.6), (10.0, 0.0), "lesion_f1", (0.5, 0.7))
+    point = OperatingPoint(("wt", "tc"), (0.4, 0.6), (10.0, 0.0), "lesion_f1", (0.5, 0.7), min_component_score=(0.8, 0.0), component_score="mean")
     assert OperatingPoint.from_dict(json.loads(json.dumps(point.to_dict()))) == point
-    assert point.with_overrides(threshold=0.3) == OperatingPoint(("wt", "tc"), (0.3, 0.3), (10.0, 0.0))
+    assert point.with_overrides(threshold=0.3) == OperatingPoint(("wt", "tc"), (0.3, 0.3), (10.0, 0.0), min_component_score=(0.8, 0.0), component_score="mean")
+    assert point.with_overrides(min_component_score=0.9).min_component_score == (0.9, 0.9)
+    # a point stored before the component score: no score filter
+    old = {"criterion": "dice", "regions": {"wt": {"threshold": 0.4, "min_component_mm3": 10.0}}}
+    assert OperatingPoint.from_dict(old) == OperatingPoint(("wt",), (0.4,), (10.0,), "dice") and OperatingPoint.from_dict(old).min_component_score == (0.0,)
+    with pytest.raises(ValueError, match="min_component_score in"):
+        OperatingPoint(("a",), (0.5,), (0.0,), min_component_score=(1.5,))
+    with pytest.raises(ValueError, match="component_score one of"):
+        OperatingPoint(("a",), (0.5,), (0.0,), component_score="median")
     with pytest.raises(ValueError, match="thresholds in"):
         OperatingPoint(("a",), (1.0,), (0.0,))
     with pytest.raises(ValueError, match="one threshold"):

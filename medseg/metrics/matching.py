@@ -167,12 +167,7 @@ def detect(
         ref_detected[pair_ref] = True
         pred_true[pair_pred] = True
     elif rule.matching == "one_to_one":
-        if rule.match_criterion == "iou":
-            score = intersection / (pred_sizes[pair_pred] + ref_sizes[pair_ref] - intersection)
-        else:
-            score = intersection / ref_sizes[pair_ref]
-        eligible = score >= rule.match_threshold
-        matched_pred, matched_ref = _max_score_matching(pair_pred[eligible], pair_ref[eligible], score[eligible], n_pred, n_ref)
+        matched_pred, matched_ref = _one_to_one(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes)
         ref_detected[matched_ref] = True
         pred_true[matched_pred] = True
     else:
@@ -180,6 +175,42 @@ def detect(
         ref_detected = _anima_side(pair_ref, pair_pred, intersection, ref_sizes, pred_sizes, n_ref, alpha, beta, gamma)
         pred_true = _anima_side(pair_pred, pair_ref, intersection, pred_sizes, ref_sizes, n_pred, alpha, beta, gamma)
     return ref_detected & ref_counted, pred_true & pred_counted
+
+
+def linked_pairs(
+    rule: MatchingRule,
+    pair_pred: np.ndarray,
+    pair_ref: np.ndarray,
+    intersection: np.ndarray,
+    pred_sizes: np.ndarray,
+    ref_sizes: np.ndarray,
+    pred_counted: np.ndarray | None = None,
+    ref_counted: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (predicted, reference) component pairs a reader links under ``rule`` (arguments as :func:`detect`):
+    ``one_to_one``: the matched pairs; ``msseg`` and ``overlap`` (not one-to-one): every overlapping pair of
+    counted components.
+
+    Returns:
+        0-based ``(pred_index (P,), ref_index (P,))``.
+    """
+    pred_counted = np.ones(len(pred_sizes), bool) if pred_counted is None else np.asarray(pred_counted, bool)
+    ref_counted = np.ones(len(ref_sizes), bool) if ref_counted is None else np.asarray(ref_counted, bool)
+    keep = pred_counted[pair_pred] & ref_counted[pair_ref]
+    pair_pred, pair_ref, intersection = pair_pred[keep], pair_ref[keep], intersection[keep]
+    if rule.matching == "one_to_one":
+        return _one_to_one(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes)
+    return pair_pred, pair_ref
+
+
+def _one_to_one(rule: MatchingRule, pair_pred: np.ndarray, pair_ref: np.ndarray, intersection: np.ndarray, pred_sizes: np.ndarray, ref_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The matched pairs of the ``one_to_one`` rule among the overlapping pairs of counted components."""
+    if rule.match_criterion == "iou":
+        score = intersection / (pred_sizes[pair_pred] + ref_sizes[pair_ref] - intersection)
+    else:
+        score = intersection / ref_sizes[pair_ref]
+    eligible = score >= rule.match_threshold
+    return _max_score_matching(pair_pred[eligible], pair_ref[eligible], score[eligible], len(pred_sizes), len(ref_sizes))
 
 
 def _max_score_matching(pair_pred: np.ndarray, pair_ref: np.ndarray, score: np.ndarray, n_pred: int, n_ref: int) -> tuple[np.ndarray, np.ndarray]:
