@@ -366,7 +366,8 @@ def load_inspection(checkpoint: str | Path, case: str | None = None, region: str
     record, out = records[case], Path(workdir or run_dir / "inspection")
     files = "[" + ",".join(record["image"]) + "]"
     # The inspection folder is the notebook's own scratch folder: whatever an earlier inspection left there goes.
-    result = predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}", "overwrite=true", "lesion_table=true"]))[0]
+    # With the dataset as reference: the table marks each predicted lesion true or false positive and adds the missed ones.
+    result = predict(compose("predict", [f"ckpt_path={checkpoint}", f"input={files}", f"output={out}", "overwrite=true", "lesion_table=true", f"reference={data['root']}"]))[0]
     if "error" in result:
         raise ValueError(f"prediction of {case} failed: {result['error']}")
     predicted = Path(result["prediction"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -33,7 +34,10 @@ def test_notebook_runs_against_a_checkpoint(brats_tree, tmp_path, monkeypatch):
     executed, figures = run_notebook(NOTEBOOK, tmp_path / "executed")
     assert figures == 2  # through the largest and through the smallest lesion
     text = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs)
-    assert "region wt" in text and "reference lesions" in text and "predicted lesions in region wt" in text
+    summary = re.search(r"region wt: (\d+) reference lesions, (\d+) missed", text)
+    table = re.search(r"region wt: (\d+) true and (\d+) false positive lesions predicted, (\d+) reference lesions missed", text)
+    assert summary and table, text
+    assert table.group(3) == summary.group(2)  # the lesion table and the per-lesion metrics miss the same lesions
     assert list((run / "inspection").glob("*.nii.gz"))  # the prediction the notebook drew
 
 
