@@ -6,7 +6,9 @@ thresholds (many components: the costly part of the grid). The grid is the ``ms_
 6 minimum sizes. :func:`medseg.metrics.operating_point.sweep_case` labels the prediction once per threshold and
 builds the overlap table once; each size then re-runs the rule on the kept components. Figures: ``one_to_one`` and
 ``msseg`` against ``overlap`` (the any-overlap rule, whose per-size work is a lookup), goal <= 1.5: a one-to-one
-assignment per grid point must not make the final evaluation slow.
+assignment per grid point must not make the final evaluation slow; and ``msseg`` with the preset's 7 minimum
+component scores against ``msseg`` without (each component scored once per threshold, the rule re-run per score),
+goal <= 3: a detection-aware grid must stay a small part of a fold's out-of-fold prediction.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ SIZES_MM3 = (0.0, 3.0, 5.0, 10.0, 20.0, 50.0)  # conf/experiment/ms_lesions.yaml
 REPEATS = {"quick": 1, "cpu": 3, "gpu": 3}
 RULES = {"overlap": {"matching": "overlap"}, "one_to_one": {"matching": "one_to_one"}, "msseg": {"matching": "msseg"}}
 GOAL = Goal("<=", 1.5)
+MIN_SCORES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SCORE_GOAL = Goal("<=", 3.0)
 
 
 def make_probabilities(shape: tuple[int, int, int], seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -52,10 +56,14 @@ def run(options: BenchOptions) -> BenchResult:
     with torch_threads(1):
         counts = {name: sweep_case(probs, target, "sigmoid", (1.0, 1.0, 1.0), THRESHOLDS, SIZES_MM3, 26, (10.0, 50.0, 500.0), 1.0, rule) for name, rule in rules.items()}
         calls = {name: (lambda rule=rule: sweep_case(probs, target, "sigmoid", (1.0, 1.0, 1.0), THRESHOLDS, SIZES_MM3, 26, (10.0, 50.0, 500.0), 1.0, rule)) for name, rule in rules.items()}
+        calls["msseg_scores"] = lambda: sweep_case(probs, target, "sigmoid", (1.0, 1.0, 1.0), THRESHOLDS, SIZES_MM3, 26, (10.0, 50.0, 500.0), 1.0, rules["msseg"], MIN_SCORES)
         times = time_alternating(calls, torch.device("cpu"), repeats, warmup=0)
-    n_pred = counts["overlap"][0, :, 0, FIELDS.index("n_pred_lesions")]
+    n_pred = counts["overlap"][0, :, 0, 0, FIELDS.index("n_pred_lesions")]
     note = f"{len(THRESHOLDS)}x{len(SIZES_MM3)} grid; {int(n_pred.max())} predicted components at threshold {THRESHOLDS[int(n_pred.argmax())]}; 1 thread"
     base = Contender.from_timing("overlap (any-overlap rule)", times["overlap"])
     figures = [Figure.compare(NAME, f"sweep per case {'x'.join(map(str, shape))}, {name} vs overlap", Contender.from_timing(name, times[name]), base, GOAL, note) for name in ("one_to_one", "msseg")]
+    figures.append(Figure.compare(NAME, f"sweep per case {'x'.join(map(str, shape))}, msseg with {len(MIN_SCORES)} component scores vs without",
+                                  Contender.from_timing("msseg, component scores", times["msseg_scores"]), Contender.from_timing("msseg", times["msseg"]), SCORE_GOAL,
+                                  f"{len(THRESHOLDS)}x{len(SIZES_MM3)}x{len(MIN_SCORES)} grid; 1 thread"))
     details = {"predicted_components_per_threshold": n_pred.astype(int).tolist(), "times_s": {n: list(t.times_s) for n, t in times.items()}}
-    return BenchResult(figures, settings={"shape": list(shape), "lesions": N_LESIONS, "thresholds": list(THRESHOLDS), "min_component_mm3": list(SIZES_MM3), "repeats": repeats}, details=details)
+    return BenchResult(figures, settings={"shape": list(shape), "lesions": N_LESIONS, "thresholds": list(THRESHOLDS), "min_component_mm3": list(SIZES_MM3), "min_component_score": list(MIN_SCORES), "repeats": repeats}, details=details)

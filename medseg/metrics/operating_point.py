@@ -90,9 +90,15 @@ def sweep_case(
             pair_pred, pair_ref, intersection = component_pairs(pred_labels, n_pred, ref_labels, n_ref)  # labelled once per threshold
             overlap = np.bincount(pair_pred, weights=intersection, minlength=n_pred)  # tp voxels per predicted component
             scores = component_scores(pred_labels, n_pred, region_probability(probs, mode, r).numpy(), component_score) if any(min_scores) else np.ones(n_pred)
+            done: dict[bytes, tuple[int, int, int]] = {}  # points that keep the same components have the same counts
             for j, min_voxels in enumerate(sizes_vox):
                 for k, min_score in enumerate(min_scores):
                     keep = (pred_sizes >= min_voxels) & (scores >= min_score)  # the post-processing's size and score filters
+                    key = np.packbits(keep).tobytes()
+                    if key in done:
+                        out[r, i, j, k] = out[done[key]]
+                        continue
+                    done[key] = (r, i, j, k)
                     tp, pred_voxels = int(overlap[keep].sum()), int(pred_sizes[keep].sum())
                     pred_counted = keep & (pred_sizes >= counted_voxels)
                     ref_detected, pred_true = detect(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes, pred_counted, ref_counted)
