@@ -112,6 +112,10 @@ def _predict_fold(fold_cfg: DictConfig, fold: int, folder: Path, device: torch.d
     record_path = folder / OOF_DIR / FOLD_RECORD
     checkpoint = best_checkpoint(folder)
     model, saved = load_model(checkpoint)
+    # With the cross-validation's test-time flips: a finished cross-validation is predicted again with other flips by
+    # removing fold_<k>/oof/oof.json (the fold resumes at its end and trains no further).
+    flips = [int(a) for a in fold_cfg.model.get("tta_flip_axes") or []]
+    OmegaConf.update(saved, "model.tta_flip_axes", flips, force_add=True)
     cases = validation_cases(fold_cfg, folder)
     evaluator = Evaluator(model, saved, folder / OOF_DIR, device)
     results = evaluator.predict(cases, folder / OOF_DIR / "probabilities", compact=True, stage=f"fold {fold}: predict out of fold")
@@ -120,6 +124,7 @@ def _predict_fold(fold_cfg: DictConfig, fold: int, folder: Path, device: torch.d
     record = {
         "fold": fold,
         "checkpoint": str(checkpoint),
+        "tta_flip_axes": flips,
         "cases": [{"case": r["case"], "record": r["prepared"].record, "probabilities": str(r["probabilities"])} for r in results],
     }
     write_json_atomic(record_path, record)  # last: its presence says the fold is finished
@@ -151,6 +156,10 @@ def aggregate(cfg: DictConfig, cv: Path, records: list[dict[str, Any]]) -> dict[
     cross-validation's records (see the module docstring). Returns ``crossval.json``'s content."""
     out = cv / OOF_DIR
     evaluator = Evaluator(None, cfg, out)
+    for record in records:
+        if record.get("tta_flip_axes") is not None and tuple(record["tta_flip_axes"]) != evaluator.flips:
+            raise ConfigError(f"fold {record['fold']}'s out-of-fold cases were predicted with test-time flips {record['tta_flip_axes']}, the cross-validation's "
+                              f"model.tta_flip_axes is {list(evaluator.flips)}: remove {fold_dir(cv, record['fold']) / OOF_DIR / FOLD_RECORD} to predict them again")
     if evaluator.sweep is not None:
         for record in records:
             evaluator.sweep.add(fold_counts(evaluator, cv, record), len(record["cases"]))

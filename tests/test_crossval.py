@@ -164,3 +164,24 @@ def test_aggregating_with_a_new_grid_counts_the_stored_probabilities_again(cross
     assert point["component_score"] == "mean" and all(r["min_component_score"] in (0.0, 0.6, 0.9) for r in point["regions"].values())
     counted.clear()
     assert crossval(cv_config(brats_tree, cv, *grid))["operating_point"] == point and counted == []  # the same grid: the stored counts
+
+
+def test_out_of_fold_cases_are_predicted_again_with_other_test_time_flips(crossval_run, brats_tree, tmp_path):
+    import shutil
+
+    from medseg.config import ConfigError
+    from medseg.crossvalidation import crossval
+
+    source, _ = crossval_run
+    cv = tmp_path / "cv"
+    shutil.copytree(source, cv)
+    with pytest.raises(ConfigError, match="test-time flips"):  # stored probabilities of other flips are not reused
+        crossval(cv_config(brats_tree, cv, "crossval.train=false", "model.tta_flip_axes=[0]"))
+    steps = {k: torch.load(cv / f"fold_{k}" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] for k in range(3)}
+    for k in range(3):
+        (cv / f"fold_{k}" / "oof" / "oof.json").unlink()
+    summary = crossval(cv_config(brats_tree, cv, "model.tta_flip_axes=[0]"))
+    assert summary["operating_point"]["tta_flip_axes"] == [0]
+    for k in range(3):  # predicted again, not trained again
+        assert json.loads((cv / f"fold_{k}" / "oof" / "oof.json").read_text())["tta_flip_axes"] == [0]
+        assert torch.load(cv / f"fold_{k}" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == steps[k]
