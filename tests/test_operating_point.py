@@ -260,3 +260,21 @@ def test_training_tunes_stores_and_prediction_applies_the_point(brats_tree, tmp_
     predict(compose("predict", [*common, f"output={tmp_path / 'overridden'}", "threshold=0.5", "min_component_mm3=0"]))
     options = json.loads((tmp_path / "overridden" / "predictions.json").read_text())["options"]
     assert {v["threshold"] for v in options["operating_point"]["regions"].values()} == {0.5}
+
+
+def test_sweep_picture_shows_the_score_axis_and_the_chosen_point():
+    from medseg.viz import plot_operating_point
+
+    sweep = OperatingPointSweep(("a", "b"), "sigmoid", THRESHOLDS, SIZES, size_buckets_mm3=EDGES, bucket_names=("tiny", "small", "big"), min_component_score=MIN_SCORES)
+    for seed in (20, 21):
+        probs, target = random_case(seed)
+        sweep.update(probs[None], torch.from_numpy(target)[None])
+    rows, point = sweep.table(), sweep.choose("lesion_f1")
+    fig = plot_operating_point(rows, point.to_dict()["regions"], "lesion_f1")
+    axes = fig.axes
+    assert len(axes) == 2 * 4 and axes[3].get_xlabel() == "minimum component score"  # a score panel per region
+    circled = axes[3].lines[-1]  # the chosen point, circled at its score and criterion value
+    assert (circled.get_xdata()[0], circled.get_ydata()[0]) == pytest.approx((point.min_component_score[0], point.score[0]))
+    single = OperatingPointSweep(("a",), "sigmoid", THRESHOLDS, SIZES)
+    single.update(*(x[None] for x in (random_case(22, regions=1)[0], torch.from_numpy(random_case(22, regions=1)[1]))))
+    assert len(plot_operating_point(single.table(), single.choose("dice").to_dict()["regions"], "dice").axes) == 3  # no score axis: no panel
