@@ -23,7 +23,7 @@ import cc3d
 import numpy as np
 from torch import Tensor
 
-from medseg.metrics.matching import MatchingRule, component_pairs, detect, linked_pairs
+from medseg.metrics.matching import MatchingRule, component_pairs, detect, one_to_one_pairs
 from medseg.postprocess import COMPONENT_SCORES, component_scores, region_probability
 
 SCORES = COMPONENT_SCORES
@@ -69,6 +69,7 @@ def lesion_rows(
     if reference is not None and reference.shape != masks.shape:
         raise ValueError(f"expected reference masks of the prediction's shape {masks.shape}, got {reference.shape}")
     affine = np.asarray(affine, dtype=np.float64)
+    rule = rule or MatchingRule()
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     rows: list[dict[str, Any]] = []
     for r, name in enumerate(names):
@@ -81,11 +82,15 @@ def lesion_rows(
         missed: list[int] = []
         if reference is not None:
             ref = _components(reference[r], probability, connectivity, "max")
-            counted_voxels = (rule or MatchingRule()).min_counted_voxels(voxel_mm3)
+            counted_voxels = rule.min_counted_voxels(voxel_mm3)
             pred_counted, ref_counted = pred["voxels"] >= counted_voxels, ref["voxels"] >= counted_voxels
-            pairs = component_pairs(pred["labels"], pred["n"], ref["labels"], ref["n"])
-            ref_detected, pred_true = detect(rule or MatchingRule(), *pairs, pred["voxels"], ref["voxels"], pred_counted, ref_counted)
-            for p, q in zip(*linked_pairs(rule or MatchingRule(), *pairs, pred["voxels"], ref["voxels"], pred_counted, ref_counted)):
+            pair_pred, pair_ref, intersection = component_pairs(pred["labels"], pred["n"], ref["labels"], ref["n"])
+            ref_detected, pred_true = detect(rule, pair_pred, pair_ref, intersection, pred["voxels"], ref["voxels"], pred_counted, ref_counted)
+            counted = pred_counted[pair_pred] & ref_counted[pair_ref]
+            linked = (pair_pred[counted], pair_ref[counted])  # msseg, overlap: every overlapping pair of counted components
+            if rule.matching == "one_to_one":
+                linked = one_to_one_pairs(rule, *linked, intersection[counted], pred["voxels"], ref["voxels"])
+            for p, q in zip(*linked):
                 links[p].append(int(ref["rank"][q]))
             detection = ["true positive" if t else "false positive" if c else "not counted" for t, c in zip(pred_true, pred_counted)]
             missed = [q for q in ref["order"] if ref_counted[q] and not ref_detected[q]]

@@ -167,7 +167,7 @@ def detect(
         ref_detected[pair_ref] = True
         pred_true[pair_pred] = True
     elif rule.matching == "one_to_one":
-        matched_pred, matched_ref = _one_to_one(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes)
+        matched_pred, matched_ref = one_to_one_pairs(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes)
         ref_detected[matched_ref] = True
         pred_true[matched_pred] = True
     else:
@@ -177,34 +177,9 @@ def detect(
     return ref_detected & ref_counted, pred_true & pred_counted
 
 
-def linked_pairs(
-    rule: MatchingRule,
-    pair_pred: np.ndarray,
-    pair_ref: np.ndarray,
-    intersection: np.ndarray,
-    pred_sizes: np.ndarray,
-    ref_sizes: np.ndarray,
-    pred_counted: np.ndarray | None = None,
-    ref_counted: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (predicted, reference) component pairs a reader links under ``rule`` (arguments as :func:`detect`):
-    ``one_to_one``: the matched pairs; ``msseg`` and ``overlap`` (not one-to-one): every overlapping pair of
-    counted components.
-
-    Returns:
-        0-based ``(pred_index (P,), ref_index (P,))``.
-    """
-    pred_counted = np.ones(len(pred_sizes), bool) if pred_counted is None else np.asarray(pred_counted, bool)
-    ref_counted = np.ones(len(ref_sizes), bool) if ref_counted is None else np.asarray(ref_counted, bool)
-    keep = pred_counted[pair_pred] & ref_counted[pair_ref]
-    pair_pred, pair_ref, intersection = pair_pred[keep], pair_ref[keep], intersection[keep]
-    if rule.matching == "one_to_one":
-        return _one_to_one(rule, pair_pred, pair_ref, intersection, pred_sizes, ref_sizes)
-    return pair_pred, pair_ref
-
-
-def _one_to_one(rule: MatchingRule, pair_pred: np.ndarray, pair_ref: np.ndarray, intersection: np.ndarray, pred_sizes: np.ndarray, ref_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The matched pairs of the ``one_to_one`` rule among the overlapping pairs of counted components."""
+def one_to_one_pairs(rule: MatchingRule, pair_pred: np.ndarray, pair_ref: np.ndarray, intersection: np.ndarray, pred_sizes: np.ndarray, ref_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The matched (predicted, reference) pairs of the ``one_to_one`` rule among overlapping pairs of counted
+    components (the overlap table of :func:`component_pairs`, restricted to them): 0-based index arrays."""
     if rule.match_criterion == "iou":
         score = intersection / (pred_sizes[pair_pred] + ref_sizes[pair_ref] - intersection)
     else:
