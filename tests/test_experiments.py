@@ -75,9 +75,9 @@ def test_ablation_task_is_small_lesions_unless_overridden(tmp_path):
 
 
 def test_lesion_presets_follow_the_small_lesion_ablation(tmp_path):
-    # docs/results.md section 5: blob loss for the generated small-lesion tasks, focal + Dice on MS; voxel
-    # sampling and an operating point tuned for lesion F1 in both.
-    for experiment, target in (("small_lesions", "BlobLoss"), ("small_lesions_hard", "BlobLoss"), ("ms_lesions", "FocalDiceLoss")):
+    # docs/results.md sections 5 and 8: blob loss for the generated small-lesion tasks and on MS; voxel sampling
+    # and an operating point tuned for lesion F1 in all.
+    for experiment, target in (("small_lesions", "BlobLoss"), ("small_lesions_hard", "BlobLoss"), ("ms_lesions", "BlobLoss")):
         cfg = preset(tmp_path, f"+experiment={experiment}", "data.root=unused")
         assert cfg.loss._target_ == f"medseg.losses.{target}", experiment
         assert cfg.data.augment.sampling == "voxel" and cfg.model.operating_point.criterion == "lesion_f1", experiment
@@ -92,6 +92,9 @@ def test_ms_lesions_preset(tmp_path):
     assert cfg.model.lesion_metrics.size_buckets_mm3 == [10.0, 50.0, 500.0]
     assert cfg.model.lesion_metrics.min_lesion_volume_mm3 < 50.0
     assert cfg.trainer.check_val_every_n_epoch == cfg.trainer.max_epochs
+    # section 8: a component score tuned with threshold and size (0 among the choices), test-time flips recorded
+    assert cfg.model.operating_point.min_component_score[0] == 0.0 and max(cfg.model.operating_point.min_component_score) > 0.5
+    assert cfg.model.tta_flip_axes == [0, 1, 2] and cfg.model.operating_point.component_score == "max"
     model = build_model(cfg)
     logits = model(torch.zeros(1, 4, *cfg.data.patch_size))
     assert logits.shape == (1, 1, *cfg.data.patch_size)
