@@ -13,8 +13,8 @@ The flow (:func:`crossval`), in the cross-validation folder ``<cv>`` (``hydra.ru
    cluster can run one per GPU.
 2. **Aggregation** (:func:`aggregate`, once every fold is finished): the point is tuned ONCE on the summed counts of
    every out-of-fold case (the experiment's criterion; a fold counted on another grid is counted again from its stored
-   probabilities, so a new grid needs no training: ``crossval.train=false`` with the new grid's keys), every case's label file is written at it in its original
-   geometry (``<cv>/oof/<case>.nii.gz``) and scored by the evaluation core: ``<cv>/oof/evaluation/`` (one row per case
+   probabilities, so a new grid needs no training: ``crossval.train=false`` with the new grid's keys), every case's
+   label file is written at it in its original geometry (``<cv>/oof/<case>.nii.gz``) and scored by the evaluation core: ``<cv>/oof/evaluation/`` (one row per case
    and region, with its fold; pictures) and ``<cv>/oof/evaluation_before_postprocessing/``; ``<cv>/crossval.json``
    holds the pooled and per-fold summaries, the fold checkpoints and the point; ``<cv>/operating_point.json`` and
    every fold checkpoint carry the point. ``medseg.predict ckpt_path=<cv>`` then averages the folds' probabilities.
@@ -143,7 +143,7 @@ def fold_counts(evaluator: Evaluator, cv: Path, record: dict[str, Any]) -> np.nd
     folder = fold_dir(cv, record["fold"]) / OOF_DIR
     grid = evaluator.sweep.grid()
     stored = json.loads((folder / GRID_NAME).read_text()) if (folder / GRID_NAME).is_file() else None
-    if stored == json.loads(json.dumps(grid)):
+    if stored is not None and json.dumps(stored, sort_keys=True) == json.dumps(grid, sort_keys=True):  # as text: a NaN empty_score equals itself
         return np.load(folder / COUNTS_NAME)
     log.info("Fold %d's out-of-fold counts are of another operating-point grid: counted again from its stored probabilities", record["fold"])
     counts = sum((evaluator.case_counts(entry["record"], load_probabilities(entry["probabilities"])) for entry in record["cases"]), np.zeros(tuple(evaluator.sweep.counts.shape)))

@@ -4,6 +4,7 @@ and the pipeline over several cases (reading and writing overlapped with inferen
 from __future__ import annotations
 
 import hashlib
+import csv
 import json
 import shutil
 import subprocess
@@ -333,6 +334,20 @@ def test_min_component_mm3_removes_the_small_component(native_checkpoint, suppor
     np.testing.assert_array_equal(full, expected_labels(support_case))
     changed = full != clean
     assert changed.sum() == 8 and (full[changed] == 2).all() and (clean[changed] == 0).all()
+
+
+@pytest.mark.slow
+def test_min_component_score_removes_the_components_scoring_below_it(native_checkpoint, support_model, support_case, tmp_path):
+    """Every component of the support model peaks at sigmoid(10) = 0.99995: a minimum score of 0.999 keeps them all,
+    1.0 removes them all, whatever their size."""
+    kept = predict(predict_config(native_checkpoint, support_case, tmp_path / "kept", "min_component_score=0.999", "lesion_table=true"))
+    removed = predict(predict_config(native_checkpoint, support_case, tmp_path / "removed", "min_component_score=1.0"))
+    np.testing.assert_array_equal(load(kept[0]["prediction"])[0], expected_labels(support_case))
+    assert not load(removed[0]["prediction"])[0].any()
+    record = json.loads((tmp_path / "removed" / "predictions.json").read_text())
+    assert {r["min_component_score"] for r in record["options"]["operating_point"]["regions"].values()} == {1.0}
+    scores = [float(r["score"]) for r in csv.DictReader(open(kept[0]["lesion_table"]))]
+    assert scores and all(0.999 <= s < 1.0 for s in scores)  # the table's score is the one the filter thresholds
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def sweep_case(
             pair_pred, pair_ref, intersection = component_pairs(pred_labels, n_pred, ref_labels, n_ref)  # labelled once per threshold
             overlap = np.bincount(pair_pred, weights=intersection, minlength=n_pred)  # tp voxels per predicted component
             scores = component_scores(pred_labels, n_pred, region_probability(probs, mode, r).numpy(), component_score) if any(min_scores) else np.ones(n_pred)
-            done: dict[bytes, tuple[int, int, int]] = {}  # points that keep the same components have the same counts
+            done: dict[bytes, tuple[int, int, int, int]] = {}  # points that keep the same components have the same counts
             for j, min_voxels in enumerate(sizes_vox):
                 for k, min_score in enumerate(min_scores):
                     keep = (pred_sizes >= min_voxels) & (scores >= min_score)  # the post-processing's size and score filters
