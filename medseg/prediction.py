@@ -15,9 +15,11 @@ file or error, in the input's order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -37,12 +39,15 @@ from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from medseg import __version__
 from medseg.build import build_model, preprocessing_from_config
 from medseg.config import ConfigError, check_required
 from medseg.data.labels import LabelSpec
 from medseg.data.layouts import NIFTI_SUFFIXES, CaseRecord, DatasetError, find_input_cases, find_label_files, reference_label_folders
 from medseg.data.layouts.base import strip_nifti_suffix
 from medseg.data.transforms import IMAGE
+from medseg.dicom.seg import SEG_TYPES, Algorithm, write_segmentation
+from medseg.dicom.series import DicomSeriesError, dicom_cases, is_dicom_folder, stage_case
 from medseg.ensemble import EnsembleModel, check_members, load_members, resolve_checkpoint, resolve_checkpoints  # noqa: F401 (resolve_checkpoint: public here too)
 from medseg.evaluation import label_channels, spacing_mm
 from medseg.io import write_csv_atomic, write_json_atomic, write_nifti_atomic, write_text_atomic
@@ -59,9 +64,11 @@ PRED = "pred"
 SUMMARY_NAME = "predictions.json"
 PROBABILITY_DIR = "probabilities"
 LESION_DIR = "lesions"  # <output>/lesions/<case>.csv: one row per predicted lesion (lesion_table=true)
+SEG_SUFFIX = ".seg.dcm"  # <output>/<case>.seg.dcm: the DICOM SEG of a case read from DICOM series
+OUTPUT_FORMATS = ("nifti", "dicom_seg", "both")
 REQUIRED_HELP = {
     "ckpt_path": "ckpt_path is a training run folder (outputs/<task>/runs/<run>), a cross-validation folder (outputs/<task>/crossval/<run>: an ensemble of its folds), a checkpoint of medseg.train, or a list of these.",
-    "input": "input is a case folder, a dataset folder (BraTS, MSD, nnU-Net, images/ + labels/), an images folder such as imagesTs/, dataset.json, or a list of NIfTI files.",
+    "input": "input is a case folder, a dataset folder (BraTS, MSD, nnU-Net, images/ + labels/), an images folder such as imagesTs/, dataset.json, a list of NIfTI files, or a folder of DICOM series.",
     "output": "output is the folder for the predicted label files.",
 }
 
@@ -249,6 +256,9 @@ class PredictOptions:
     matching: MatchingRule = field(default_factory=MatchingRule)  # the checkpoint's lesion matching rule (model.lesion_metrics)
     in_channels: int | None = None  # None skips the channel check
     inputs: frozenset[Path] = field(default_factory=frozenset)  # resolved input files, never written
+    output_format: str = "nifti"  # "nifti", "dicom_seg" (DICOM input only) or "both"
+    seg_type: str = "binary"  # of the DICOM SEG: "binary" (final masks) or "fractional" (probabilities)
+    algorithm: Algorithm | None = None  # what the DICOM SEG names as its maker
 
 
 def output_name(case: str) -> str:
@@ -281,6 +291,8 @@ def read_case(record: CaseRecord, transform: Compose, options: PredictOptions) -
     target = options.output / output_name(str(record["case"]))
     if target.resolve() in options.inputs:
         raise ValueError(f"output file {target} is an input file; choose another output folder")
+    if record.get("dicom"):  # DICOM series: checked and read, written as NIfTI for the preprocessing
+        stage_case(record)
     data = transform({IMAGE: list(record["image"])})
     image = data[IMAGE]  # (C_in, H, W, D) MetaTensor on the preprocessed grid
     if options.in_channels is not None and image.shape[0] != options.in_channels:
@@ -347,8 +359,16 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
     point = options.point or OperatingPoint.uniform(spec.names)
     masks = postprocess(probs, spec.mode, point, float(np.prod(spacing_mm(reference))), options.connectivity, spec.nesting)  # (R, X, Y, Z)
     labels = labels_of(masks, spec)  # (X, Y, Z), what segment() gives
-    write_nifti_atomic(labels, reference, case.target)
     result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
+    if options.output_format != "dicom_seg":
+        write_nifti_atomic(labels, reference, case.target)
+    if options.output_format != "nifti":
+        seg_path = options.output / f"{strip_nifti_suffix(case.target.name)}{SEG_SUFFIX}"
+        values = masks if options.seg_type == "binary" else probs[len(probs) - len(spec.names):].numpy()  # (R, X, Y, Z): the classes' (softmax) or regions'
+        write_segmentation(seg_path, values, reference, case.record["dicom"][0], spec.names, options.algorithm, options.seg_type)
+        result["dicom_seg"] = str(seg_path)
+        if options.output_format == "dicom_seg":
+            result["prediction"] = str(seg_path)
     if options.lesion_score is not None:
         table = options.output / LESION_DIR / f"{strip_nifti_suffix(case.target.name)}.csv"
         label_file = options.reference_labels.get(str(case.record["case"]))
@@ -366,6 +386,9 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
         write_nifti_atomic(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), reference, prob_path)
         result["probabilities"] = str(prob_path)
     result["seconds"] = round(case.seconds + time.perf_counter() - start, 2)
+    if case.record.get("dicom"):  # the NIfTI copies of its series are no longer needed
+        for staged in case.record["image"]:
+            Path(staged).unlink(missing_ok=True)
     return result
 
 
@@ -507,7 +530,7 @@ def _outcome(record: CaseRecord, stage: Future) -> dict[str, Any]:
         return stage.result()
     except Exception as err:  # one unreadable case must not stop the others; it is reported instead
         message = _root_cause(err)
-        unreadable = _unreadable_file(record["image"])
+        unreadable = None if record.get("dicom") else _unreadable_file(record["image"])
         message = f"{unreadable}: {message}" if unreadable else message
         log.error("case %s failed: %s", record["case"], message)
         return {"case": record["case"], "error": message, "image": list(record["image"])}
@@ -541,7 +564,47 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     model.to(device)
     data_cfg = train_cfg.data
     source = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
-    cases, input_folders, enclosing_root = find_input_cases(source, list(data_cfg.get("modalities") or ()), str(cfg.data_section), data_cfg.get("layout"))
+    output_format, seg_type = str(cfg.get("output_format") or "nifti"), str(cfg.get("dicom_seg_type") or "binary")
+    if output_format not in OUTPUT_FORMATS or seg_type not in SEG_TYPES:
+        raise ConfigError(f"expected output_format one of {list(OUTPUT_FORMATS)} and dicom_seg_type one of {list(SEG_TYPES)}, got {output_format!r} and {seg_type!r}")
+    staging = tempfile.TemporaryDirectory(prefix="medseg-dicom-")  # DICOM cases' channels as NIfTI, while predicted
+    with staging:
+        cases, input_folders, enclosing_root, skipped = input_cases(cfg, source, data_cfg, staging.name)
+        if output_format != "nifti" and not all(c.get("dicom") for c in cases):
+            raise ConfigError(f"output_format={output_format} writes DICOM SEG objects referencing the input's DICOM series; input {cfg.input} is not a folder of DICOM series (use output_format=nifti)")
+        return _predict_cases(cfg, model, train_cfg, device, source, cases, input_folders, enclosing_root, skipped, output_format, seg_type)
+
+
+def input_cases(cfg: DictConfig, source: Any, data_cfg: DictConfig, staging: str) -> tuple[list[CaseRecord], list[Path], Path | None, list[dict[str, str]]]:
+    """The cases of ``cfg.input``: a folder of DICOM series (:func:`medseg.dicom.series.dicom_cases`, their channels
+    written into ``staging`` as they are read) or any input :func:`medseg.data.layouts.find_input_cases` reads; the
+    input folders, a root the output must stay out of, and the DICOM objects skipped (not images).
+
+    Raises:
+        DatasetError: no case, or a DICOM folder without image series; ConfigError: a DICOM channel mapping that does
+            not fit the model.
+    """
+    modalities = list(data_cfg.get("modalities") or ())
+    if isinstance(source, str) and is_dicom_folder(Path(source).expanduser()):
+        folder = Path(source).expanduser().resolve()
+        channels = OmegaConf.to_container(cfg.dicom_channels, resolve=True) if cfg.get("dicom_channels") else None
+        try:
+            cases, skipped = dicom_cases(folder, staging, data_cfg.get("in_channels"), modalities, channels)
+        except DicomSeriesError as err:
+            raise DatasetError(str(err)) from err
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        for item in skipped:
+            log.warning("%s", item["reason"])
+        return cases, [folder], folder, skipped
+    cases, input_folders, enclosing_root = find_input_cases(source, modalities, str(cfg.data_section), data_cfg.get("layout"))
+    return cases, input_folders, enclosing_root, []
+
+
+def _predict_cases(cfg: DictConfig, model: Any, train_cfg: DictConfig, device: torch.device, source: Any, cases: list[CaseRecord], input_folders: list[Path],
+                   enclosing_root: Path | None, skipped: list[dict[str, str]], output_format: str, seg_type: str) -> list[dict[str, Any]]:
+    """:func:`predict` once the model and the cases are known: the output folder, options, the cases, the record."""
+    data_cfg = train_cfg.data
     # Reference labels near the input and of the training dataset are never overwritten (an MSD task's labelsTr/).
     sources = source if isinstance(source, list) else [source]
     references = reference_label_folders(*(Path(str(s)).expanduser().parent if str(s).endswith(NIFTI_SUFFIXES) else s for s in sources), data_cfg.get("root"), cfg.get("reference"))
@@ -571,18 +634,23 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         reference_labels=reference_labels,
         matching=MatchingRule.from_options(OmegaConf.to_container(train_cfg.model.lesion_metrics, resolve=True) if train_cfg.model.get("lesion_metrics") else None),
         in_channels=data_cfg.get("in_channels"),
-        inputs=frozenset(Path(f).resolve() for c in cases for f in c["image"]),
+        inputs=frozenset(Path(f).resolve() for c in cases for f in (c["image"] if not c.get("dicom") else [f for s in c["dicom"] for f in s.files])),
+        output_format=output_format,
+        seg_type=seg_type,
+        algorithm=model_algorithm(cfg.ckpt_path) if output_format != "nifti" else None,
     )
     checkpoints = [str(p.resolve()) for p in resolve_checkpoints(cfg.ckpt_path)]
     made_by = {
         "checkpoint": checkpoints if isinstance(model, EnsembleModel) else checkpoints[0],
         "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "lesion_score": options.lesion_score,
                     **({"reference": str(Path(str(cfg.reference)).expanduser().resolve())} if reference_labels else {}),
+                    **({"output_format": output_format, "dicom_seg_type": seg_type} if output_format != "nifti" else {}),
                     "inferer": {k: v for k, v in dict(model.inferer).items() if k not in ("device", "sw_device")}},
     }  # fmt: skip
-    inputs = {str(c["case"]): [str(f) for f in c["image"]] for c in cases}
+    inputs = {str(c["case"]): [str(f) for f in c.get("source") or c["image"]] for c in cases}  # DICOM: dicom:<SeriesInstanceUID> per channel
     finished = resume_or_refuse(output, made_by, inputs, bool(cfg.get("overwrite", False)), options.save_probabilities)
-    summary = {**made_by, "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input), "device": str(device), "complete": False, "failed": 0, "cases": []}
+    summary = {**made_by, "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input), "device": str(device), "complete": False, "failed": 0,
+               **({"skipped": skipped} if skipped else {}), "cases": []}  # fmt: skip
     todo = [c for c in cases if str(c["case"]) not in finished]
     output.mkdir(parents=True, exist_ok=True)
     if finished:
@@ -605,6 +673,20 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     failed = sum("error" in r for r in ordered)
     log.info("%d of %d case(s) predicted into %s (%s)", len(ordered) - failed, len(ordered), output, SUMMARY_NAME)
     return ordered
+
+
+def model_algorithm(ckpt_path: Any) -> Algorithm:
+    """The model as a DICOM SEG names its maker: the name of what ``ckpt_path`` names (a run, cross-validation or
+    exported model), medseg's version, and the SHA-256 of its checkpoint files (in order)."""
+    paths = resolve_checkpoints(ckpt_path)
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    first = Path(str(ckpt_path[0] if isinstance(ckpt_path, (list, ListConfig)) else ckpt_path)).expanduser()
+    name = first.stem if first.is_file() and first.suffix != ".ckpt" else first.name if first.is_dir() else first.parent.parent.name
+    return Algorithm(name=name or "medseg model", version=__version__, checksum=f"sha256:{digest.hexdigest()}")
 
 
 def lesion_score(cfg: DictConfig, point: OperatingPoint) -> str | None:
@@ -647,7 +729,7 @@ def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, li
         if not overwrite:
             raise ConfigError(f"output {output} holds predictions of {earlier.get('checkpoint')} with other options than this run's ({made_by['checkpoint']}; {SUMMARY_NAME} records them): choose another output folder, or overwrite=true to replace them")
         for entry in entries:  # the earlier run's files in this folder go, so that none is left beside the new ones
-            for key, folder in (("prediction", output), ("probabilities", output / PROBABILITY_DIR), ("lesion_table", output / LESION_DIR)):
+            for key, folder in (("prediction", output), ("dicom_seg", output), ("probabilities", output / PROBABILITY_DIR), ("lesion_table", output / LESION_DIR)):
                 if entry.get(key):
                     (folder / Path(entry[key]).name).unlink(missing_ok=True)
         record_path.unlink()

@@ -11,7 +11,9 @@ seen often enough) and applies random flips and intensity augmentation to each.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -45,6 +47,21 @@ def check_intensity(intensity: str, ct_window: Sequence[float], ct_zscore: Seque
         raise ValueError(f"expected data.ct_zscore = [mean, std] in Hounsfield units with std > 0, or null, got {list(ct_zscore)}")
 
 
+
+def load_nifti(keys: Sequence[str]) -> T.LoadImaged:
+    """``LoadImaged`` with nibabel. MONAI's ``LoadImage`` also instantiates every other reader it knows, and with pydicom
+    installed (the ``dicom`` extra) its nvImageCodec DICOM reader warns on every construction that no GPU decoder
+    exists; medseg never reads DICOM through MONAI (see :mod:`medseg.dicom`), so that warning is silenced here."""
+    nvimgcodec = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = nvimgcodec.level
+    nvimgcodec.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return T.LoadImaged(list(keys), reader="NibabelReader", image_only=True, ensure_channel_first=True)
+    finally:
+        nvimgcodec.setLevel(level)
+
 def preprocessing(
     labels: LabelSpec,
     with_label: bool = True,
@@ -75,7 +92,7 @@ def preprocessing(
     check_intensity(intensity, ct_window, ct_zscore)
     keys = [IMAGE, LABEL] if with_label else [IMAGE]
     steps: list[Any] = [
-        T.LoadImaged(keys, reader="NibabelReader", image_only=True, ensure_channel_first=True),
+        load_nifti(keys),
         T.EnsureTyped(IMAGE, dtype=np.float32, track_meta=True),
         T.Orientationd(keys, axcodes="RAS", labels=NIFTI_AXIS_LABELS),
     ]
