@@ -685,7 +685,7 @@ def model_algorithm(ckpt_path: Any) -> Algorithm:
             for block in iter(lambda: file.read(1 << 20), b""):
                 digest.update(block)
     first = Path(str(ckpt_path[0] if isinstance(ckpt_path, (list, ListConfig)) else ckpt_path)).expanduser()
-    name = first.stem if first.is_file() and first.suffix != ".ckpt" else first.name if first.is_dir() else first.parent.parent.name
+    name = first.name if first.is_dir() else first.parent.parent.name if first.parent.name == "checkpoints" else first.stem  # run, cross-validation, file
     return Algorithm(name=name or "medseg model", version=__version__, checksum=f"sha256:{digest.hexdigest()}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom.encaps
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -47,8 +48,8 @@ def write_series(
         image: a NIfTI image, or an array with ``affine`` (RAS, as nibabel's).
         modality: ``"CT"`` (stored with ``slope`` / ``intercept``) or ``"MR"`` (rounded integers, no rescale).
         positions: the slice indices ``k`` to write (default: all); leaving one out makes a missing slice.
-        transfer_syntax: of the files' meta header (the pixel data stays native: a compressed syntax then makes a
-            series no decoder can read).
+        transfer_syntax: of the files; for a compressed one the native pixels are only encapsulated (no codestream): a
+            series whose decoder is missing, and unreadable by one.
 
     Returns:
         ``{"study_uid", "series_uid", "frame_of_reference_uid", "values": the (X, Y, Z) float64 values a reader
@@ -57,7 +58,7 @@ def write_series(
     if isinstance(image, nib.Nifti1Image):
         data, affine = np.asarray(image.dataobj, dtype=np.float64), image.affine
     else:
-        data = np.asarray(image, dtype=np.float64)
+        data, affine = np.asarray(image, dtype=np.float64), np.eye(4) if affine is None else affine
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid, frame_uid = study_uid or generate_uid(), series_uid or generate_uid(), frame_of_reference_uid or generate_uid()
@@ -73,7 +74,7 @@ def write_series(
     for file_index, n in enumerate(order):
         k = slices[n]
         position = LPS @ (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
-        ds = _dataset(folder / f"IM{file_index:04d}.dcm", transfer_syntax, CT_IMAGE if modality == "CT" else MR_IMAGE)
+        ds = _dataset(folder / f"IM{series_number:03d}{file_index:04d}.dcm", transfer_syntax, CT_IMAGE if modality == "CT" else MR_IMAGE)
         ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_id, f"Test^{patient_id}", "19700101", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "ACC1", ""
@@ -88,7 +89,10 @@ def write_series(
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0 if unsigned else 1
         if modality == "CT":
             ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "HU"
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # (rows=j, columns=i)
+        pixels = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # (rows=j, columns=i)
+        if pydicom.uid.UID(transfer_syntax).is_compressed:  # encapsulated as the syntax requires (not a real codestream)
+            pixels = pydicom.encaps.encapsulate([pixels])
+        ds.PixelData = pixels
         ds.save_as(ds.filename, enforce_file_format=True)
     return {"study_uid": study_uid, "series_uid": series_uid, "frame_of_reference_uid": frame_uid, "values": values, "affine": affine}
 

@@ -12,6 +12,9 @@ background only where the dataset expects foreground in every case.
 What is learnt about each file is cached by (path, size, modification time) in ``data.check.cache_dir``,
 so the check that runs before every training reads only new or changed files and otherwise costs one
 ``stat`` per file. Nothing is written into the dataset.
+
+A folder of DICOM series (``data.root=<folder>``, e.g. scans to predict) is checked as ``medseg.predict`` reads it
+(:func:`check_dicom_folder`): one error per series that cannot be read as a volume, naming it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tqdm import tqdm
 from medseg.config import ConfigError, check_required, register_resolvers, run_without_run_folder
 from medseg.data.labels import LabelSpec, label_values_problem
 from medseg.data.layouts import DATA_HELP, CaseRecord, DatasetError, scan_cases
+from medseg.dicom.series import is_dicom_folder
 from medseg.io import write_json_atomic
 
 log = logging.getLogger("medseg")
@@ -460,10 +464,38 @@ def check_from_config(cfg: DictConfig, progress: bool = True) -> DataCheckReport
     """
     check_required(cfg, {"data.root": DATA_HELP.get(cfg.data.get("layout"), "")})
     data = cfg.data
+    if is_dicom_folder(Path(str(data.root)).expanduser()):
+        return check_dicom_folder(Path(str(data.root)).expanduser())
     if data.get("synthetic") and not Path(data.root).expanduser().exists():
         raise DatasetError(f"{data.root} does not exist yet: data.synthetic is set, so the first training run with this config generates it")
     _, kwargs = check_options(data.get("check"))
     return check_dataset(data.layout, data.root, data.labels, list(data.modalities), data.get("in_channels"), progress=progress, **kwargs)
+
+
+def check_dicom_folder(root: str | Path) -> DataCheckReport:
+    """The problems of a folder of DICOM series, as :func:`medseg.dicom.series.series_problems` finds them before
+    ``medseg.predict`` reads it: an error per series that cannot be read as a volume (missing or unevenly spaced
+    slices, mixed orientations, a compressed syntax without decoder, ...), a warning per non-image object skipped.
+    ``cases`` counts the image series, ``files`` the DICOM files; each problem's case is its SeriesInstanceUID.
+
+    Raises:
+        DatasetError: no DICOM file under ``root``.
+    """
+    from medseg.dicom.series import DicomSeriesError, find_series, not_an_image_reason, series_problems
+
+    try:
+        found = find_series(root)
+    except DicomSeriesError as err:
+        raise DatasetError(str(err)) from err
+    report = DataCheckReport(layout="dicom", root=str(root), cases=sum(s.image for s in found), files=sum(len(s.files) for s in found))
+    report.files_read = report.files
+    for series in found:
+        if not series.image:
+            report.problems.append(Problem("warning", series.uid, series.folder, not_an_image_reason(series)))
+            continue
+        report.problems.extend(Problem("error", series.uid, series.folder, message) for message in series_problems(series))
+    log.info("Data check: %s", report.summary())
+    return report
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")

@@ -1,0 +1,270 @@
+"""DICOM in, DICOM SEG out: series written with pydicom from NIfTI volumes (tests/dicom_series.py) read back with their
+values and patient geometry, broken series refused with messages naming them, and predictions whose SEG equals the
+NIfTI labels voxel for voxel."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("highdicom", reason="the dicom extra (highdicom, pydicom) is not installed: pip install 'medseg[dicom]'")
+
+import highdicom as hd  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.pixels import get_decoder  # noqa: E402
+from pydicom.uid import JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless  # noqa: E402
+
+from conftest import shared_dataset  # noqa: E402
+from dicom_series import write_series, write_structured_report  # noqa: E402
+from medseg import __version__  # noqa: E402
+from medseg.dicom.seg import read_segmentation  # noqa: E402
+from medseg.dicom.series import DicomSeriesError, dicom_cases, find_series, is_dicom_folder, read_series, series_problems, to_nifti  # noqa: E402
+from medseg.module import SegmentationModule  # noqa: E402
+from medseg.prediction import predict  # noqa: E402
+from test_predict import predict_config, run_main, untrained_checkpoint  # noqa: E402
+
+
+def canonical(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine in RAS+ order: two images of one volume stored in different axis orders compare equal."""
+    image = nib.as_closest_canonical(image)
+    return np.asarray(image.dataobj, dtype=np.float64), image.affine
+
+
+def oblique_affine(spacing=(0.9, 1.1, 2.5), degrees=20.0, origin=(-40.0, 25.0, -10.0)) -> np.ndarray:
+    """A RAS affine rotated about two axes (no axis of the grid along a patient axis), anisotropic voxels."""
+    a, b = np.radians(degrees), np.radians(degrees / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def mr_volume(seed: int = 1, shape=(20, 24, 16)) -> np.ndarray:
+    """A known-answer MR volume: a dim block (class 1 for :func:`threshold_network`) and a bright one (class 2)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros(shape, np.float32)
+    image[2:9, 3:20, 4:10] = rng.uniform(100, 200, (7, 17, 6))
+    image[12:18, 5:9, 9:15] = rng.uniform(500, 600, (6, 4, 6))
+    return image
+
+
+def expected_classes(values: np.ndarray) -> np.ndarray:
+    """What :func:`threshold_network` predicts on a volume z-scored over its non-zero voxels."""
+    inside = values[values != 0]
+    return np.select([values > inside.mean(), values != 0], [2, 1], 0)
+
+
+@pytest.fixture()
+def threshold_network(monkeypatch):
+    """A network with a known answer on z-scored non-zero voxels: class 1 below the mean, class 2 above."""
+
+    def predict_volume(self, image):  # (1, 1, H, W, D) -> (1, 3, H, W, D)
+        x = image[:, 0]
+        return torch.stack([torch.where(x == 0, 10.0, -10.0), torch.where(x < 0, 10.0, -10.0), torch.where(x > 0, 10.0, -10.0)], dim=1)
+
+    monkeypatch.setattr(SegmentationModule, "predict_volume", predict_volume)
+
+
+@pytest.fixture(scope="module")
+def softmax_checkpoint(tmp_path_factory) -> Path:
+    """An untrained single-channel softmax checkpoint (the hippocampus preset: anterior, posterior)."""
+    return untrained_checkpoint(tmp_path_factory.mktemp("hip") / "hippocampus.ckpt", "+experiment=hippocampus", "data.root=unused")
+
+
+def undecodable_syntax() -> str:
+    """A compressed transfer syntax no installed pydicom decoder reads (skip when every one is installed)."""
+    for uid in (JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, RLELossless):
+        if not get_decoder(uid).is_available:
+            return uid
+    pytest.skip("every tried JPEG/RLE decoder is installed: no compressed series left that cannot be read")
+
+
+# Reading
+
+
+def test_ct_series_reads_back_hounsfield_units_and_patient_geometry(tmp_path):
+    """The shared CT written as shuffled slices stored with slope 0.5 / intercept -1024 reads back as the HU volume
+    at the NIfTI's patient position, voxel for voxel."""
+    source = nib.load(shared_dataset("CT_abdomen") / "imagesTr" / "abdomen_sm.nii.gz")
+    written = write_series(source, tmp_path / "ct", "CT", slope=0.5, intercept=-1024.0)
+    (series,) = find_series(tmp_path / "ct")
+    assert series.image and series.modality == "CT" and len(series.files) == source.shape[2]
+    image = to_nifti(read_series(series))
+    values, affine = canonical(image)
+    expected_values, expected_affine = canonical(nib.Nifti1Image(written["values"], source.affine))
+    np.testing.assert_allclose(affine, expected_affine, atol=1e-4)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(values, canonical(source)[0])  # the HU values are integers: no rounding lost
+    assert image.shape == source.shape  # (column, row, slice): dcm2niix's axes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oblique_mr_series_reads_back_whatever_the_file_order(tmp_path, seed):
+    """An oblique, anisotropic MR series written in a random file order reads back in patient geometry."""
+    values = np.random.default_rng(seed).uniform(0, 1000, (13, 11, 9)).astype(np.float32)
+    written = write_series(values, tmp_path / "mr", "MR", affine=oblique_affine(), seed=seed)
+    (series,) = find_series(tmp_path)
+    got, got_affine = canonical(to_nifti(read_series(series)))
+    expected, expected_affine = canonical(nib.Nifti1Image(written["values"], written["affine"]))
+    np.testing.assert_allclose(got_affine, expected_affine, atol=1e-4)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda folder: write_series(mr_volume(), folder, "MR", positions=[k for k in range(16) if k not in (5, 6)]), "2 slice(s) missing"),
+        (lambda folder: write_series(mr_volume(), folder, "MR", affine=np.diag([1.0, 1.0, 2.0, 1.0]), positions=[0, 1, 2, 3, 4, 5]) and _shift_slice(folder, 0.7), "unevenly spaced slices"),
+        (lambda folder: _two_orientations(folder), "mixed orientations"),
+        (lambda folder: _duplicate_positions(folder), "share a position"),
+        (lambda folder: write_series(mr_volume(), folder, "MR", positions=[3]), "a single slice"),
+        (lambda folder: write_series(mr_volume(), folder, "MR", transfer_syntax=undecodable_syntax()), "which no installed decoder reads"),
+    ],
+    ids=["missing-slice", "uneven-spacing", "mixed-orientations", "repeated-positions", "single-slice", "compressed-without-decoder"],
+)
+def test_broken_series_are_refused_with_a_message_naming_them(tmp_path, make, expected):
+    make(tmp_path / "series")
+    (series,) = find_series(tmp_path / "series")
+    problems = series_problems(series)
+    assert len(problems) == 1 and expected in problems[0] and series.uid in problems[0], problems
+    with pytest.raises(DicomSeriesError, match=re.escape(expected)) as err:
+        read_series(series)
+    assert series.uid in str(err.value)
+
+
+def _shift_slice(folder: Path, mm: float) -> None:
+    """Move the last slice of a series ``mm`` further along the normal (uneven spacing)."""
+    files = sorted(folder.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    ds = pydicom.dcmread(files[-1])
+    ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + mm]
+    ds.save_as(files[-1])
+
+
+def _two_orientations(folder: Path) -> None:
+    """One series whose slices come in two orientations (a stack and a localizer sharing a SeriesInstanceUID)."""
+    written = write_series(mr_volume(), folder, "MR")
+    write_series(mr_volume()[:, :, :4], folder / "localizer", "MR", affine=oblique_affine(spacing=(1.0, 1.0, 3.0)), series_uid=written["series_uid"], study_uid=written["study_uid"])
+
+
+def _duplicate_positions(folder: Path) -> None:
+    """Two echoes of one series: every position twice."""
+    written = write_series(mr_volume(), folder, "MR")
+    write_series(mr_volume(seed=2), folder / "echo2", "MR", series_uid=written["series_uid"], study_uid=written["study_uid"])
+
+
+def test_folder_scan_separates_series_and_skips_non_images(tmp_path):
+    """Two series mixed in one folder are two series (by SeriesInstanceUID, not folder); an SR is no image series."""
+    a = write_series(mr_volume(), tmp_path / "mixed", "MR", description="a", series_number=2)
+    b = write_series(mr_volume(seed=3), tmp_path / "mixed", "MR", description="b", series_number=3, study_uid=a["study_uid"], seed=5)
+    for i, path in enumerate(sorted((tmp_path / "mixed").glob("*.dcm"))):  # interleave the files' names
+        path.rename(path.with_name(f"file{i:03d}"))
+    write_structured_report(tmp_path / "mixed" / "report", a["study_uid"])
+    assert is_dicom_folder(tmp_path / "mixed") and not is_dicom_folder(tmp_path / "nothing")
+    found = find_series(tmp_path / "mixed")
+    assert [(s.uid, s.image) for s in found] == sorted([(a["series_uid"], True), (b["series_uid"], True), (found[-1].uid, False)], key=lambda x: not x[1])
+    cases, skipped = dicom_cases(tmp_path / "mixed", tmp_path / "staging", in_channels=1)
+    assert [c["source"] for c in cases] == [[f"dicom:{a['series_uid']}"], [f"dicom:{b['series_uid']}"]]
+    assert not any("problem" in c for c in cases)
+    assert len(skipped) == 1 and "Comprehensive SR" in skipped[0]["reason"] and skipped[0]["series"] in skipped[0]["reason"]
+
+
+def test_channel_mapping_forms_cases_per_study_and_names_what_does_not_fit(tmp_path):
+    study = write_series(mr_volume(), tmp_path / "s" / "flair", "MR", description="AX FLAIR", series_number=1)["study_uid"]
+    write_series(mr_volume(seed=2), tmp_path / "s" / "t1", "MR", description="T1 MPRAGE", series_number=2, study_uid=study)
+    write_series(mr_volume(seed=3), tmp_path / "s" / "t1c", "MR", description="T1 MPRAGE post", series_number=3, study_uid=study)
+    with pytest.raises(ValueError, match="dicom_channels"):
+        dicom_cases(tmp_path / "s", tmp_path / "st", in_channels=2, modalities=["flair", "t1"])
+    cases, _ = dicom_cases(tmp_path / "s", tmp_path / "st", in_channels=2, modalities=["flair", "t1"], channels={"flair": "*flair*", "t1": "t1 mprage"})
+    assert len(cases) == 1 and [s.description for s in cases[0]["dicom"]] == ["AX FLAIR", "T1 MPRAGE"] and "problem" not in cases[0]
+    cases, _ = dicom_cases(tmp_path / "s", tmp_path / "st", in_channels=2, modalities=["flair", "t1"], channels={"flair": "*flair*", "t1": "t1*"})
+    assert "2 series match channel t1" in cases[0]["problem"] and "T1 MPRAGE post" in cases[0]["problem"]
+    with pytest.raises(ValueError, match="exactly the model's channels"):
+        dicom_cases(tmp_path / "s", tmp_path / "st", in_channels=2, modalities=["flair", "t1"], channels={"flair": "*flair*"})
+
+
+# Prediction
+
+
+def test_predict_dicom_folder_writes_nifti_and_seg_that_agree_and_refuses_broken_series(tmp_path, softmax_checkpoint, threshold_network):
+    """A folder with two good series (one oblique), a series missing a slice, a JPEG series no decoder reads and an SR:
+    the good ones get a NIfTI and a SEG equal voxel for voxel and with the known answer; the broken ones an error
+    naming their series and no file; the SR is skipped; the exit status says a case failed."""
+    root = tmp_path / "dicom"
+    good = write_series(mr_volume(), root / "a", "MR", affine=np.diag([-1.0, 1.5, 2.0, 1.0]), description="t1", series_number=3)
+    oblique = write_series(mr_volume(seed=4), root / "b", "MR", affine=oblique_affine(), description="t1 oblique", series_number=4, study_uid=good["study_uid"])
+    missing = write_series(mr_volume(), root / "c", "MR", positions=[k for k in range(16) if k != 7], series_number=5, study_uid=good["study_uid"])
+    jpeg = write_series(mr_volume(), root / "d", "MR", transfer_syntax=undecodable_syntax(), series_number=6, study_uid=good["study_uid"])
+    write_structured_report(root / "report.dcm", good["study_uid"])
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert run_main(f"ckpt_path={softmax_checkpoint}", f"input={root}", f"output={tmp_path / 'out'}", "output_format=both") == 1
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    by_series = {c["image"][0].removeprefix("dicom:"): c for c in record["cases"]}
+    assert set(by_series) == {good["series_uid"], oblique["series_uid"], missing["series_uid"], jpeg["series_uid"]}
+    assert "slice(s) missing" in by_series[missing["series_uid"]]["error"] and missing["series_uid"] in by_series[missing["series_uid"]]["error"]
+    assert "no installed decoder" in by_series[jpeg["series_uid"]]["error"] and jpeg["series_uid"] in by_series[jpeg["series_uid"]]["error"]
+    assert len(record["skipped"]) == 1 and "SR" in record["skipped"][0]["reason"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([*(Path(by_series[s["series_uid"]]["prediction"]).name for s in (good, oblique)), *(Path(by_series[s["series_uid"]]["dicom_seg"]).name for s in (good, oblique)), "predictions.json"])
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # the input folder is untouched
+
+    for source in (good, oblique):
+        entry = by_series[source["series_uid"]]
+        prediction = nib.load(entry["prediction"])
+        labels = np.asarray(prediction.dataobj)
+        got, got_affine = canonical(prediction)
+        expected_values, expected_affine = canonical(nib.Nifti1Image(source["values"], source["affine"]))
+        np.testing.assert_allclose(got_affine, expected_affine, atol=1e-4)  # the scanner's geometry
+        np.testing.assert_array_equal(got, expected_classes(expected_values))  # the known answer
+        segments = read_segmentation(entry["dicom_seg"], prediction)  # (2, X, Y, Z) on the NIfTI's grid
+        np.testing.assert_array_equal(segments, np.stack([labels == 1, labels == 2]))
+        seg = hd.seg.segread(entry["dicom_seg"])
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmVersion == __version__ and algorithm.AlgorithmName == softmax_checkpoint.stem
+        referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source["series_uid"]
+        assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in (root / ("a" if source is good else "b")).glob("*.dcm")}
+        assert seg.StudyInstanceUID == good["study_uid"] and seg.PatientID == "PAT001"
+
+
+def test_fractional_seg_holds_the_probabilities(tmp_path, softmax_checkpoint, threshold_network):
+    source = write_series(mr_volume(), tmp_path / "dicom", "MR", affine=oblique_affine())
+    (result,) = predict(predict_config(softmax_checkpoint, tmp_path / "dicom", tmp_path / "out", "output_format=dicom_seg", "dicom_seg_type=fractional", "save_probabilities=true"))
+    assert result["prediction"] == result["dicom_seg"] and not list((tmp_path / "out").glob("*.nii.gz"))
+    probabilities = nib.load(result["probabilities"])  # (X, Y, Z, 3) on the input's grid
+    fractions = read_segmentation(result["dicom_seg"], probabilities)  # (2, X, Y, Z)
+    np.testing.assert_allclose(fractions, np.moveaxis(np.asarray(probabilities.dataobj)[..., 1:], -1, 0), atol=0.5 / 255 + 1e-6)
+    assert source["series_uid"] in result["image"][0]
+
+
+def test_seg_output_needs_dicom_input_and_a_known_format(tmp_path, softmax_checkpoint):
+    image = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(mr_volume(), np.eye(4)), image)
+    assert run_main(f"ckpt_path={softmax_checkpoint}", f"input={image}", f"output={tmp_path / 'out'}", "output_format=dicom_seg") == 1
+    assert run_main(f"ckpt_path={softmax_checkpoint}", f"input={image}", f"output={tmp_path / 'out'}", "output_format=dicom") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_check_reports_the_problems_of_a_dicom_folder(tmp_path):
+    from medseg.data.check import check_dicom_folder
+
+    root = tmp_path / "dicom"
+    good = write_series(mr_volume(), root / "a", "MR", series_number=1)
+    broken = write_series(mr_volume(), root / "b", "MR", positions=[k for k in range(16) if k != 3], series_number=2, study_uid=good["study_uid"])
+    write_structured_report(root / "sr.dcm", good["study_uid"])
+    report = check_dicom_folder(root)
+    assert report.layout == "dicom" and report.cases == 2 and report.files == 16 + 15 + 1
+    assert [(p.severity, p.case) for p in report.errors] == [("error", broken["series_uid"])] and "slice(s) missing" in report.errors[0].message
+    assert len(report.warnings) == 1 and "SR" in report.warnings[0].message
+    shutil.rmtree(root / "b")
+    assert not check_dicom_folder(root).errors
