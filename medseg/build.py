@@ -21,6 +21,7 @@ from medseg.data.labels import LabelSpec
 from medseg.data.transforms import preprocessing, preprocessing_options
 from medseg.module import SegmentationModule
 from medseg.precision import resolve_trainer_precision
+from medseg.tracking import instantiate_loggers, log_config
 
 # The data keys that choose the preprocessing: the parameters of medseg.data.transforms.preprocessing_options.
 PREPROCESSING_KEYS = tuple(inspect.signature(preprocessing_options).parameters)
@@ -41,11 +42,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, **arguments: Any) -> Any:
     """The Lightning ``Trainer`` of ``cfg.trainer`` with the callbacks and loggers of their groups (``arguments``
-    replace any of them). ``trainer.precision: auto`` is resolved for this device first, in ``cfg`` itself, so that
+    replace any of them; an experiment tracker among the loggers gets the resolved config: :mod:`medseg.tracking`).
+    ``trainer.precision: auto`` is resolved for this device first, in ``cfg`` itself, so that
     the run records what it used (:mod:`medseg.precision`)."""
     resolve_trainer_precision(cfg)
-    defaults = {"callbacks": instantiate_group(cfg.get("callbacks")), "logger": instantiate_group(cfg.get("logger"))}
-    return instantiate(cfg.trainer, **{**defaults, **arguments})
+    defaults = {"callbacks": instantiate_group(cfg.get("callbacks")), "logger": instantiate_loggers(cfg)}
+    trainer = instantiate(cfg.trainer, **{**defaults, **arguments})
+    log_config(trainer.loggers, cfg)  # the resolved config to MLflow / W&B (medseg.tracking)
+    return trainer
 
 
 def preprocessing_options_from_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from medseg.module import SegmentationModule
 from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON
 from medseg.precision import resolve_trainer_precision
 from medseg.report import print_metrics_table, to_floats
+from medseg.tracking import log_final_report
 
 log = logging.getLogger("medseg")
 # Prefix of the final evaluation's values among train()'s returned metrics (the per-epoch validation's is val/).
@@ -75,6 +76,7 @@ def final_evaluation(cfg: DictConfig, trainer: L.Trainer, model: SegmentationMod
     # On rank 0, every process waiting for it (and failing with it): checkpoints and reports are complete after.
     on_rank_zero(save_operating_point, cfg, result, checkpoint, Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)
     on_rank_zero(report, cfg, result, model, checkpoint, fit_metrics)
+    on_rank_zero(log_final_report, trainer, out, result.summary["metrics"])  # final_val/* and the report files to every logger
     return {**fit_metrics, **{f"{FINAL}/{k}": float(v) for k, v in result.summary["metrics"].items()}}
 
 
