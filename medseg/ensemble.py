@@ -1,7 +1,7 @@
 """Which checkpoints a prediction uses, and several of them as one predictor (the folds of a cross-validation).
 
 ``ckpt_path`` may name a checkpoint file, a training run folder (its evaluated checkpoint), a cross-validation folder
-(every fold's checkpoint, ``crossval.json``) or a list of any of these (:func:`resolve_checkpoints`). Several
+(every fold's checkpoint, ``crossval.json``), a model zip of ``medseg.export`` or a list of any of these (:func:`resolve_checkpoints`). Several
 checkpoints predict as an :class:`EnsembleModel`: the mean of their probabilities, as ``nnUNetv2_predict`` averages
 its folds, computed as a running sum with one network in memory whose weights are swapped member by member (each
 member's weights are memory-mapped from its file, read as they are copied in).
@@ -58,6 +58,10 @@ def resolve_checkpoints(ckpt_path: Any) -> list[Path]:
             raise ConfigError("ckpt_path is an empty list; expected checkpoint files or run folders")
         return paths
     folder = Path(str(ckpt_path)).expanduser()
+    if folder.suffix == ".zip" and folder.is_file():  # a model zip of medseg.export: its checkpoints, unpacked once
+        from medseg.model_package import installed_checkpoints
+
+        return installed_checkpoints(folder)
     record = folder / CROSSVAL_RECORD
     if folder.is_dir() and record.is_file():
         checkpoints = [Path(p) for p in json.loads(record.read_text())["checkpoints"]]
@@ -92,7 +96,8 @@ class EnsembleModel:
 
     Args:
         model: the module of the first member (its network runs every member's weights in turn).
-        members: each member's ``state_dict`` (memory-mapped: see :func:`load_members`).
+        members: each member's ``state_dict`` (memory-mapped: see :func:`load_members`), or each member's network
+            (``medseg.onnx_backend.OnnxNetwork``), put in the module's place of its network in turn.
         paths: the members' files, for records.
 
     Everything but :meth:`predict_probabilities` (operating point, label spec, inferer, ...) is the first member's.
@@ -105,8 +110,11 @@ class EnsembleModel:
         """The mean of the members' probabilities ``(B, C_out, H, W, D)`` of volumes ``(B, C_in, H, W, D)`` (each with
         the flips of ``flip_axes`` averaged), as a running sum: one probability sum and one member's in memory."""
         total = None
-        for state in self.members:
-            self.model.load_state_dict(state)
+        for member in self.members:
+            if isinstance(member, torch.nn.Module):  # a network of its own (onnxruntime: the weights live in its file)
+                self.model.net = member
+            else:
+                self.model.load_state_dict(member)
             probs = self.model.predict_probabilities(image, flip_axes)
             total = probs if total is None else total.add_(probs.to(total.device))  # a member stitched elsewhere joins
             del probs

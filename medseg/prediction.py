@@ -66,6 +66,7 @@ PROBABILITY_DIR = "probabilities"
 LESION_DIR = "lesions"  # <output>/lesions/<case>.csv: one row per predicted lesion (lesion_table=true)
 SEG_SUFFIX = ".seg.dcm"  # <output>/<case>.seg.dcm: the DICOM SEG of a case read from DICOM series
 OUTPUT_FORMATS = ("nifti", "dicom_seg", "both")
+BACKENDS = ("torch", "onnxruntime")
 REQUIRED_HELP = {
     "ckpt_path": "ckpt_path is a training run folder (outputs/<task>/runs/<run>), a cross-validation folder (outputs/<task>/crossval/<run>: an ensemble of its folds), a checkpoint of medseg.train, or a list of these.",
     "input": "input is a case folder, a dataset folder (BraTS, MSD, nnU-Net, images/ + labels/), an images folder such as imagesTs/, dataset.json, a list of NIfTI files, or a folder of DICOM series.",
@@ -73,7 +74,7 @@ REQUIRED_HELP = {
 }
 
 
-def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None) -> tuple[SegmentationModule, DictConfig]:
+def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None, backend: str = "torch") -> tuple[SegmentationModule, DictConfig]:
     """The trained module and its training config, from checkpoints written by ``medseg.train``.
 
     Args:
@@ -82,6 +83,8 @@ def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None) -> tuple[S
             :class:`medseg.ensemble.EnsembleModel` (the first one's config, operating point and flips).
         inferer: sliding-window options replacing the checkpoint's ``model.inferer`` values (``None``
             values are ignored).
+        backend: ``"torch"``, or ``"onnxruntime"``: each member's network runs as ONNX (:func:`onnx_network_file`),
+            the rest of the pipeline unchanged.
 
     Returns:
         The module (or ensemble) in eval mode on the CPU, and the resolved training config.
@@ -90,15 +93,45 @@ def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None) -> tuple[S
         ConfigError: a file is missing or unreadable, lacks the saved config, its weights do not fit it, or the
             members of an ensemble differ in preprocessing, labels or network.
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"expected backend one of {list(BACKENDS)}, got {backend!r}")
     paths = resolve_checkpoints(ckpt_path)
     model, cfg, tuned_on = _load_one(paths[0], inferer)
     if len(paths) == 1:
         if tuned_on and tuned_on not in (paths[0].name, "crossval"):  # a fold alone applies its cross-validation's point
             log.warning("%s carries the operating point its run tuned on the probabilities of %s; with these weights its numbers may differ "
                         "(ckpt_path=<run folder> takes %s)", paths[0].name, tuned_on, tuned_on)
+        if backend == "onnxruntime":
+            from medseg.onnx_backend import use_onnxruntime
+
+            use_onnxruntime(model, onnx_network_file(paths[0], model, cfg))
         return model, cfg
-    check_members([cfg, *(_load_one(p, inferer)[1] for p in paths[1:])], paths)
+    others = [_load_one(p, inferer) for p in paths[1:]]
+    check_members([cfg, *(o[1] for o in others)], paths)
+    if backend == "onnxruntime":
+        from medseg.onnx_backend import OnnxNetwork, use_onnxruntime
+
+        members = [OnnxNetwork(onnx_network_file(p, m, c)) for p, (m, c, _) in zip(paths, [(model, cfg, None), *others])]
+        use_onnxruntime(model, members[0].path)
+        return EnsembleModel(model, members, paths).eval(), cfg
+    del others
     return EnsembleModel(model, load_members(paths), paths).eval(), cfg
+
+
+def onnx_network_file(checkpoint: Path, model: SegmentationModule, cfg: DictConfig) -> Path:
+    """The ONNX file of a checkpoint's network: the one a model zip ships (``include_onnx=true``), else exported once
+    into the model cache (``$MEDSEG_CACHE/models/onnx/<checksum>.onnx``) and reused."""
+    from medseg.model_package import installed_onnx, model_cache_dir, sha256_file
+    from medseg.onnx_backend import export_network
+
+    shipped = installed_onnx(checkpoint)
+    if shipped is not None:
+        return shipped
+    path = model_cache_dir() / "onnx" / f"{sha256_file(checkpoint)[:16]}.onnx"
+    if not path.is_file():
+        log.info("Exporting the network of %s to ONNX (once; cached as %s)", checkpoint, path)
+        export_network(model.net, int(cfg.data.in_channels), path, list(model.inferer["roi_size"]))
+    return path
 
 
 def _load_one(path: Path, inferer: dict[str, Any] | None) -> tuple[SegmentationModule, DictConfig, str | None]:
@@ -560,7 +593,11 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"expected prefetch to be a whole number >= 0 (cases read ahead; 0: one case after another), got {cfg.prefetch!r}")
     device = _device(str(cfg.device))
     inferer = OmegaConf.to_container(cfg.inferer, resolve=True) if cfg.get("inferer") else None
-    model, train_cfg = load_model(cfg.ckpt_path, inferer)
+    backend = str(cfg.get("backend") or "torch")
+    try:
+        model, train_cfg = load_model(cfg.ckpt_path, inferer, backend)
+    except ImportError as err:  # backend=onnxruntime without the onnx extra
+        raise ConfigError(str(err)) from err
     model.to(device)
     data_cfg = train_cfg.data
     source = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
@@ -645,6 +682,7 @@ def _predict_cases(cfg: DictConfig, model: Any, train_cfg: DictConfig, device: t
         "options": {"tta_flip_axes": list(options.flip_axes), "operating_point": point.to_dict(), "save_probabilities": options.save_probabilities, "lesion_score": options.lesion_score,
                     **({"reference": str(Path(str(cfg.reference)).expanduser().resolve())} if reference_labels else {}),
                     **({"output_format": output_format, "dicom_seg_type": seg_type} if output_format != "nifti" else {}),
+                    **({"backend": str(cfg.backend)} if cfg.get("backend", "torch") != "torch" else {}),
                     "inferer": {k: v for k, v in dict(model.inferer).items() if k not in ("device", "sw_device")}},
     }  # fmt: skip
     inputs = {str(c["case"]): [str(f) for f in c.get("source") or c["image"]] for c in cases}  # DICOM: dicom:<SeriesInstanceUID> per channel

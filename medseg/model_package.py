@@ -1,0 +1,235 @@
+"""Model folders that travel: a trained run or cross-validation as one zip file that predicts on another machine.
+
+``python -m medseg.export ckpt_path=<run or cross-validation folder> output=<name>.zip`` (:func:`write_model_zip`)
+writes::
+
+    medseg_model.json        manifest: name, medseg version, members, SHA-256 of every file, labels, point, flips
+    MODEL_CARD.md            data, metrics with their definitions, intended use, limits (medseg.model_card)
+    config.yaml              the training config, machine paths removed (what prediction rebuilds the model from)
+    operating_point.json     threshold, minimum component volume and score per region, tuned on what
+    labels.json              label names, values, regions or classes (data.labels)
+    preprocessing.json       what preprocessing does to an input (orientation, spacing, intensity, crop)
+    checkpoints/<k>.ckpt     each member's weights + config (paths removed) + operating point; nothing else
+    report/...               the run's metrics.json or crossval.json, operating-point sweep, evaluation table and pictures
+    onnx/<k>.onnx            (include_onnx=true) each member's network for onnxruntime
+
+``medseg.predict ckpt_path=<name>.zip`` (:func:`installed_checkpoints`, through :func:`medseg.ensemble.resolve_checkpoints`)
+unpacks it once into ``$MEDSEG_CACHE/models/`` (else ``~/.cache/medseg/models/``), in a folder named by the zip's
+checksum, checks every file against the manifest, and predicts with its checkpoints as with the source's.
+
+Machine paths: every string of the config (and of the JSON reports) that is a filesystem path of the training
+machine (absolute, ``~``, ``./`` or ``../``) becomes ``null``; prediction never reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from medseg import __version__
+from medseg.config import ConfigError
+from medseg.io import atomic_path
+
+MANIFEST = "medseg_model.json"
+FORMAT_VERSION = 1
+CARD = "MODEL_CARD.md"
+CHECKPOINT_DIR = "checkpoints"
+ONNX_DIR = "onnx"
+REPORT_DIR = "report"
+# Report files of a run or cross-validation folder, copied when present (JSON files with their machine paths removed).
+REPORT_FILES = (
+    "metrics.json", "crossval.json", "operating_point.json", "operating_point_sweep.csv", "operating_point_sweep.png", "splits.json",
+    "validation/evaluation/summary.json", "validation/evaluation/evaluation.csv", "validation/evaluation/dice_per_case.png", "validation/evaluation/recall_by_lesion_size.png",
+    "oof/evaluation/summary.json", "oof/evaluation/evaluation.csv", "oof/evaluation/dice_per_case.png", "oof/evaluation/recall_by_lesion_size.png",
+)  # fmt: skip
+_PATH_PREFIXES = ("/", "~", "./", "../", "\\\\")
+
+
+def is_machine_path(value: Any) -> bool:
+    """Whether ``value`` is a string naming a file or folder of the machine it was written on."""
+    return isinstance(value, str) and (value.startswith(_PATH_PREFIXES) or os.path.isabs(value) or (len(value) > 2 and value[1] == ":" and value[2] in "\\/"))
+
+
+def without_machine_paths(node: Any) -> Any:
+    """A copy of a JSON-like ``node`` in which every machine path (:func:`is_machine_path`) is ``None``."""
+    if isinstance(node, dict):
+        return {k: without_machine_paths(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [without_machine_paths(v) for v in node]
+    return None if is_machine_path(node) else node
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def portable_checkpoint(path: Path) -> dict[str, Any]:
+    """What prediction needs of a checkpoint: weights, the config without machine paths, the operating point."""
+    from medseg.postprocess import CHECKPOINT_KEY
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("medseg_config"), dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {str(path)!r} has no saved training config ('medseg_config') and weights; expected a checkpoint written by medseg.train")
+    kept = {"state_dict": checkpoint["state_dict"], "medseg_config": without_machine_paths(checkpoint["medseg_config"])}
+    if checkpoint.get(CHECKPOINT_KEY) is not None:
+        kept[CHECKPOINT_KEY] = checkpoint[CHECKPOINT_KEY]
+    return kept
+
+
+def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None = None, include_onnx: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Write the model zip of a run, cross-validation or checkpoint(s) (see the module docstring).
+
+    Args:
+        ckpt_path: what ``medseg.predict ckpt_path=`` accepts (run folder, cross-validation folder, ``.ckpt``, a list).
+        output: the ``.zip`` to write (atomically; refused if it exists, unless ``overwrite``).
+        name: the model's name (default: the run or cross-validation folder's name).
+        include_onnx: also export each member's network to ``onnx/<k>.onnx`` (the ``onnx`` extra).
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        ConfigError: ``output`` is not a new ``.zip`` file, or ``ckpt_path`` names no medseg checkpoint.
+    """
+    from medseg.ensemble import resolve_checkpoints
+    from medseg.model_card import model_card
+
+    output = Path(output).expanduser()
+    if output.suffix != ".zip":
+        raise ConfigError(f"expected output=<name>.zip, got {str(output)!r}")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; choose another name or pass overwrite=true")
+    paths = resolve_checkpoints(ckpt_path)
+    source = source_folder(ckpt_path, paths)
+    name = name or (source.name if source is not None else paths[0].stem)
+    members = [portable_checkpoint(p) for p in paths]
+    config = members[0]["medseg_config"]
+    from medseg.build import preprocessing_options_from_config
+    from medseg.postprocess import CHECKPOINT_KEY
+
+    point = members[0].get(CHECKPOINT_KEY)
+    files: dict[str, bytes] = {}
+    for k, member in enumerate(members):
+        buffer = tempfile.SpooledTemporaryFile()
+        torch.save(member, buffer)
+        buffer.seek(0)
+        files[f"{CHECKPOINT_DIR}/{k}.ckpt"] = buffer.read()
+    files["config.yaml"] = OmegaConf.to_yaml(OmegaConf.create(config)).encode()
+    files["operating_point.json"] = json.dumps(point, indent=2).encode()
+    files["labels.json"] = json.dumps(config["data"]["labels"], indent=2).encode()
+    files["preprocessing.json"] = json.dumps({"modalities": config["data"].get("modalities"), "in_channels": config["data"].get("in_channels"), **preprocessing_options_from_config(config["data"])}, indent=2, default=list).encode()
+    report = {}
+    for relative in REPORT_FILES if source is not None else ():
+        path = source / relative
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".json":
+                report[relative] = without_machine_paths(json.loads(data))
+                data = json.dumps(report[relative], indent=2).encode()
+            files[f"{REPORT_DIR}/{relative}"] = data
+    if include_onnx:
+        from medseg.onnx_backend import export_network
+        from medseg.prediction import load_model
+
+        for k, path in enumerate(paths):
+            model, cfg = load_model(path)
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx_path = export_network(model.net, int(cfg.data.in_channels), Path(tmp) / "net.onnx", list(model.inferer["roi_size"]), metadata={"medseg_version": __version__, "model": name, "member": str(k)})
+                files[f"{ONNX_DIR}/{k}.onnx"] = onnx_path.read_bytes()
+    manifest = {
+        "format": FORMAT_VERSION, "name": name, "medseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "members": [f"{CHECKPOINT_DIR}/{k}.ckpt" for k in range(len(members))], "onnx": [f"{ONNX_DIR}/{k}.onnx" for k in range(len(members))] if include_onnx else [],
+        "labels": config["data"]["labels"], "operating_point": point, "tta_flip_axes": (point or {}).get("tta_flip_axes", config["model"].get("tta_flip_axes")),
+        "source": "cross-validation" if len(members) > 1 else "run", "files": {},
+    }  # fmt: skip
+    files[CARD] = model_card(manifest, config, report).encode()
+    manifest["files"] = {path: hashlib.sha256(data).hexdigest() for path, data in sorted(files.items())}
+    with atomic_path(output, keep_suffix=True) as tmp:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            archive.writestr(MANIFEST, json.dumps(manifest, indent=2), compress_type=zipfile.ZIP_DEFLATED)
+            for path, data in files.items():  # checkpoints are zip files themselves: stored, not deflated again
+                archive.writestr(path, data, compress_type=zipfile.ZIP_STORED if path.endswith((".ckpt", ".png")) else zipfile.ZIP_DEFLATED)
+    return manifest
+
+
+def source_folder(ckpt_path: Any, paths: Sequence[Path]) -> Path | None:
+    """The run or cross-validation folder ``ckpt_path`` names (its reports), or ``None`` for bare checkpoint files."""
+    if isinstance(ckpt_path, (str, os.PathLike)) and Path(ckpt_path).expanduser().is_dir():
+        return Path(ckpt_path).expanduser().resolve()
+    if len(paths) == 1 and paths[0].parent.name == "checkpoints":
+        return paths[0].parent.parent.resolve()
+    return None
+
+
+def model_cache_dir() -> Path:
+    """Where zips are unpacked: ``$MEDSEG_CACHE/models``, else ``~/.cache/medseg/models``."""
+    base = os.environ.get("MEDSEG_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "medseg") / "models"
+
+
+def installed_folder(archive: str | os.PathLike) -> Path:
+    """The folder a model zip is unpacked into (once; checked against its manifest), and unpacks it if needed.
+
+    Raises:
+        ConfigError: not a medseg model zip, or a file differs from the manifest's checksum.
+    """
+    archive = Path(archive).expanduser()
+    digest = sha256_file(archive)
+    folder = model_cache_dir() / f"{archive.stem}-{digest[:12]}"
+    if (folder / MANIFEST).is_file():
+        return folder
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            if MANIFEST not in zf.namelist():
+                raise ConfigError(f"{archive}: no {MANIFEST}; expected a model zip written by python -m medseg.export")
+            manifest = json.loads(zf.read(MANIFEST))
+            unsafe = [n for n in zf.namelist() if n.startswith("/") or ".." in Path(n).parts]
+            if unsafe:
+                raise ConfigError(f"{archive}: unsafe member paths {unsafe[:3]}")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            try:
+                zf.extractall(staging)
+                bad = [p for p, h in manifest.get("files", {}).items() if not (staging / p).is_file() or sha256_file(staging / p) != h]
+                if bad:
+                    raise ConfigError(f"{archive}: {len(bad)} file(s) differ from the manifest's checksums ({', '.join(bad[:3])}); the zip is damaged")
+                try:
+                    os.replace(staging, folder)  # another process may have installed it meanwhile: then keep its copy
+                except OSError:
+                    if not (folder / MANIFEST).is_file():
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except zipfile.BadZipFile as err:
+        raise ConfigError(f"{archive}: not a zip file ({err})") from err
+    return folder
+
+
+def installed_checkpoints(archive: str | os.PathLike) -> list[Path]:
+    """The checkpoints of a model zip, unpacked (:func:`installed_folder`), in the manifest's order."""
+    folder = installed_folder(archive)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if int(manifest.get("format", 0)) > FORMAT_VERSION:
+        raise ConfigError(f"{archive}: model zip format {manifest.get('format')} is newer than this medseg reads ({FORMAT_VERSION}); update medseg")
+    return [folder / m for m in manifest["members"]]
+
+
+def installed_onnx(checkpoint: Path) -> Path | None:
+    """The ONNX network exported beside an unpacked zip's checkpoint (``onnx/<k>.onnx``), if the zip has one."""
+    candidate = checkpoint.parent.parent / ONNX_DIR / f"{checkpoint.stem}.onnx"
+    return candidate if checkpoint.parent.name == CHECKPOINT_DIR and (checkpoint.parent.parent / MANIFEST).is_file() and candidate.is_file() else None

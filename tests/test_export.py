@@ -1,0 +1,143 @@
+"""Model zips that travel (medseg.export / medseg.model_package): everything prediction needs, no machine paths, a card
+whose numbers are the report's, and predictions from the zip on a fresh folder identical to the source run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medseg.config import ConfigError
+from medseg.export import export
+from medseg.model_card import definition
+from medseg.model_package import CARD, MANIFEST, installed_checkpoints, is_machine_path, without_machine_paths
+from medseg.prediction import predict
+from test_predict import compose_predict, predict_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_export(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from medseg.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("export", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained_run(brats_tree, tmp_path_factory) -> Path:
+    """A run folder of medseg.train: two short epochs, the final evaluation (metrics.json, operating point)."""
+    from test_train import tiny_run
+
+    from medseg.training import train
+
+    out = tmp_path_factory.mktemp("run") / "tiny-run"
+    train(tiny_run(brats_tree, out, "trainer.max_epochs=2", "trainer.limit_train_batches=2", "logger=csv"))
+    assert (out / "metrics.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_zip(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "tiny.zip"
+    export(compose_export(f"ckpt_path={trained_run}", f"output={out}"))
+    return out
+
+
+def strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_machine_paths_are_recognised_and_removed():
+    node = {"a": "/data/x", "b": ["./outputs", "~/y", "C:\\data", "relu", "val/dice", "epoch{epoch:03d}-dice{val/dice:.4f}"], "c": {"d": "../z", "e": 3}}
+    assert without_machine_paths(node) == {"a": None, "b": [None, None, None, "relu", "val/dice", "epoch{epoch:03d}-dice{val/dice:.4f}"], "c": {"d": None, "e": 3}}
+    assert not is_machine_path("brats") and is_machine_path("/")
+
+
+def test_zip_holds_what_prediction_needs_and_no_machine_path(model_zip, trained_run, brats_tree):
+    with zipfile.ZipFile(model_zip) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read(MANIFEST))
+        texts = {n: zf.read(n).decode() for n in names if n.endswith((".json", ".yaml", ".md", ".csv"))}
+        checkpoint = torch.load(__import__("io").BytesIO(zf.read("checkpoints/0.ckpt")), weights_only=True)
+    assert {MANIFEST, CARD, "config.yaml", "operating_point.json", "labels.json", "preprocessing.json", "checkpoints/0.ckpt", "report/metrics.json"} <= names
+    assert set(checkpoint) == {"state_dict", "medseg_config", "medseg_operating_point"}  # no optimizer state, no callbacks
+    machine = [str(trained_run.parent), str(brats_tree), os.getcwd(), str(Path.home())]
+    for name, text in {**texts, "checkpoints/0.ckpt config": json.dumps(checkpoint["medseg_config"])}.items():
+        assert not [m for m in machine if m in text], f"{name} names a path of this machine"
+    config = yaml.safe_load(texts["config.yaml"])
+    assert config["data"]["root"] is None and config["model"]["net"] == checkpoint["medseg_config"]["model"]["net"]
+    assert json.loads(texts["labels.json"])["names"] == ["wt", "tc", "et"]
+    assert manifest["name"] == "tiny-run" and manifest["members"] == ["checkpoints/0.ckpt"] and set(manifest["files"]) == names - {MANIFEST}
+
+
+def test_model_card_reports_the_runs_metrics_with_definitions(model_zip, trained_run):
+    with zipfile.ZipFile(model_zip) as zf:
+        card = zf.read(CARD).decode()
+    metrics = json.loads((trained_run / "metrics.json").read_text())["metrics"]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in card.splitlines() if line.startswith("| ") and line.count("|") == 4}
+    assert rows["dice_wt"] == f"{metrics['dice_wt']:.4g}" and rows["lesion_recall_et"] == (f"{metrics['lesion_recall_et']:.4g}" if metrics["lesion_recall_et"] == metrics["lesion_recall_et"] else "n/a")
+    assert definition("dice_wt").startswith("Dice overlap") and definition("lesion_recall_small_wt").startswith("lesion-wise recall of the small")
+    assert all(definition(key) for key in metrics)  # every metric of the report is defined
+    for heading in ("## Training", "## Operating point", "## Metrics", "## Intended use", "## Limits"):
+        assert heading in card
+
+
+@pytest.mark.slow
+def test_prediction_from_the_zip_in_a_fresh_folder_equals_the_source_run(model_zip, trained_run, brats_tree, tmp_path):
+    """Predicted by ``python -m medseg.predict ckpt_path=<zip>`` in an empty folder with an empty model cache, after the
+    source run folder is gone: the same labels as the run itself gave."""
+    case = sorted(p for p in brats_tree.iterdir() if p.is_dir())[0]
+    reference = predict(predict_config(trained_run, case, tmp_path / "from_run"))[0]
+    fresh = tmp_path / "elsewhere"
+    fresh.mkdir()
+    shutil.copy(model_zip, fresh / "model.zip")
+    moved = trained_run.with_name("moved-away")
+    trained_run.rename(moved)
+    try:
+        env = {**os.environ, "MEDSEG_CACHE": str(fresh / "cache"), "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-m", "medseg.predict", "ckpt_path=model.zip", f"input={case}", "output=predictions"], cwd=fresh, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        moved.rename(trained_run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (entry,) = json.loads((fresh / "predictions" / "predictions.json").read_text())["cases"]
+    np.testing.assert_array_equal(np.asarray(nib.load(entry["prediction"]).dataobj), np.asarray(nib.load(reference["prediction"]).dataobj))
+    assert list((fresh / "cache" / "models").iterdir())[0].name.startswith("model-")
+
+
+def test_damaged_zip_and_bad_requests_are_refused(model_zip, trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(model_zip) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            target.writestr(item, data + b"x" if item.filename == "labels.json" else data)
+    with pytest.raises(ConfigError, match="differ from the manifest"):
+        installed_checkpoints(damaged)
+    assert not (tmp_path / "cache" / "models" / "damaged").exists() and not any(p.name.startswith("damaged-") for p in (tmp_path / "cache" / "models").iterdir())
+    with pytest.raises(ConfigError, match="exists"):
+        export(compose_export(f"ckpt_path={trained_run}", f"output={model_zip}"))
+    with pytest.raises(ConfigError, match="<name>.zip"):
+        export(compose_export(f"ckpt_path={trained_run}", f"output={tmp_path / 'model.tar'}"))
+    with pytest.raises(ConfigError, match="fold="):
+        checkpoint = trained_run / "checkpoints" / "last.ckpt"
+        export(compose_export(f"ckpt_path=[{checkpoint},{checkpoint}]", f"output={tmp_path / 'net.onnx'}", "format=onnx"))
+    assert not (tmp_path / "net.onnx").exists()
+    assert compose_predict("ckpt_path=x", "input=y", "output=z").backend == "torch"
