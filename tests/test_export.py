@@ -141,3 +141,41 @@ def test_damaged_zip_and_bad_requests_are_refused(model_zip, trained_run, tmp_pa
         export(compose_export(f"ckpt_path=[{checkpoint},{checkpoint}]", f"output={tmp_path / 'net.onnx'}", "format=onnx"))
     assert not (tmp_path / "net.onnx").exists()
     assert compose_predict("ckpt_path=x", "input=y", "output=z").backend == "torch"
+
+
+@pytest.mark.slow
+def test_onnxruntime_backend_predicts_the_labels_of_torch(model_zip, trained_run, brats_tree, tmp_path, monkeypatch):
+    """A zip with the ONNX networks (include_onnx=true), predicted with backend=onnxruntime: the probabilities of torch's
+    prediction within PROBABILITY_TOLERANCE and the same labels (voxels near the threshold excepted: none here)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'medseg[onnx]'")
+    from medseg.onnx_backend import PROBABILITY_TOLERANCE
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    with_onnx = tmp_path / "with_onnx.zip"
+    export(compose_export(f"ckpt_path={trained_run}", f"output={with_onnx}", "include_onnx=true"))
+    with zipfile.ZipFile(with_onnx) as zf:
+        assert "onnx/0.onnx" in zf.namelist()
+    case = sorted(p for p in brats_tree.iterdir() if p.is_dir())[1]
+    torch_result = predict(predict_config(trained_run, case, tmp_path / "torch", "save_probabilities=true"))[0]
+    onnx_result = predict(predict_config(with_onnx, case, tmp_path / "onnx", "save_probabilities=true", "backend=onnxruntime"))[0]
+    torch_probs, onnx_probs = (np.asarray(nib.load(r["probabilities"]).dataobj) for r in (torch_result, onnx_result))
+    assert np.abs(torch_probs - onnx_probs).max() <= PROBABILITY_TOLERANCE
+    labels = [np.asarray(nib.load(r["prediction"]).dataobj) for r in (torch_result, onnx_result)]
+    near = np.abs(torch_probs - 0.5).min(-1) < PROBABILITY_TOLERANCE  # (X, Y, Z): a voxel whose label may flip
+    np.testing.assert_array_equal(labels[0][~near], labels[1][~near])
+    record = json.loads((tmp_path / "onnx" / "predictions.json").read_text())
+    assert record["options"]["backend"] == "onnxruntime"
+
+
+@pytest.mark.slow
+def test_onnx_format_writes_one_network_with_the_config_as_metadata(trained_run, brats_tree, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'medseg[onnx]'")
+    out = tmp_path / "net.onnx"
+    export(compose_export(f"ckpt_path={trained_run}", f"output={out}", "format=onnx"))
+    proto = onnx.load(str(out))
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    config = json.loads(metadata["medseg_config"])
+    assert config["data"]["root"] is None and str(brats_tree) not in metadata["medseg_config"] and metadata["model"] == "tiny-run"
+    assert json.loads(metadata["medseg_operating_point"])["regions"].keys() == {"wt", "tc", "et"}
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1] == 4 and all(isinstance(d, str) for d in (dims[0], *dims[2:]))  # batch and spatial axes dynamic
