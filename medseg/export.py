@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from medseg import __version__
 from medseg.config import ConfigError, check_required, register_resolvers
 from medseg.ensemble import resolve_checkpoints
-from medseg.model_package import source_folder, without_machine_paths, write_model_zip
+from medseg.model_package import default_name, source_folder, without_machine_paths, write_model_zip
 
 log = logging.getLogger("medseg")
 FORMATS = ("zip", "onnx")
@@ -69,7 +69,7 @@ def export_onnx(ckpt_path: Any, output: Path, fold: int | None = None, name: str
     source = source_folder(ckpt_path, paths)
     point = model.postprocessing.to_dict()
     metadata = {
-        "medseg_version": __version__, "model": name or (source.name if source is not None else path.stem), CHECKPOINT_KEY: json.dumps(point),
+        "medseg_version": __version__, "model": name or default_name(source, [path]), CHECKPOINT_KEY: json.dumps(point),
         "medseg_config": json.dumps(without_machine_paths(OmegaConf.to_container(cfg, resolve=True))),
     }  # fmt: skip
     export_network(model.net, int(cfg.data.in_channels), output, list(model.inferer["roi_size"]), metadata=metadata)

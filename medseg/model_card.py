@@ -60,7 +60,7 @@ def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any], report: M
         "Predict with `python -m medseg.predict ckpt_path=<this zip> input=<scans> output=<folder>`.",
         "",
         "## What it reads and predicts",
-        f"- Input: {data.get('in_channels', '?')} channel(s) {list(data.get('modalities') or []) or ''} per case, NIfTI or DICOM series; resampled to {data.get('spacing') or 'the native'} mm spacing, RAS orientation, "
+        f"- Input: {data.get('in_channels', '?')} channel(s) {list(data.get('modalities') or []) or ''} per case, NIfTI or DICOM series; {('resampled to ' + str(list(data['spacing'])) + ' mm spacing') if data.get('spacing') else 'at its own voxel spacing'}, RAS orientation, "
         f"intensity `{data.get('intensity', 'zscore')}`{', cropped to the non-zero foreground' if data.get('crop_foreground') else ''}; predictions are mapped back to each input's own grid.",
         f"- Output: {labels.get('mode')} {'regions' if labels.get('mode') == 'sigmoid' else 'classes'} {list(labels.get('names', []))}, written as label values {list(labels.get('values', []))}"
         + (f" (regions: {dict(labels['regions'])})" if labels.get("regions") else "") + ".",

@@ -116,7 +116,7 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
         raise ConfigError(f"{output} exists; choose another name or pass overwrite=true")
     paths = resolve_checkpoints(ckpt_path)
     source = source_folder(ckpt_path, paths)
-    name = name or (source.name if source is not None else paths[0].stem)
+    name = name or default_name(source, paths)
     members = [portable_checkpoint(p) for p in paths]
     config = members[0]["medseg_config"]
     from medseg.build import preprocessing_options_from_config
@@ -174,6 +174,14 @@ def source_folder(ckpt_path: Any, paths: Sequence[Path]) -> Path | None:
     if len(paths) == 1 and paths[0].parent.name == "checkpoints":
         return paths[0].parent.parent.resolve()
     return None
+
+
+def default_name(source: Path | None, paths: Sequence[Path]) -> str:
+    """A model's name when none is given: ``<task>_<run>`` for a folder of ``outputs/<task>/{runs,crossval}/``, else the
+    folder's or the checkpoint file's name."""
+    if source is None:
+        return paths[0].stem
+    return f"{source.parent.parent.name}_{source.name}" if source.parent.name in ("runs", "crossval", "multiruns") else source.name
 
 
 def model_cache_dir() -> Path:

@@ -714,16 +714,20 @@ def _predict_cases(cfg: DictConfig, model: Any, train_cfg: DictConfig, device: t
 
 
 def model_algorithm(ckpt_path: Any) -> Algorithm:
-    """The model as a DICOM SEG names its maker: the name of what ``ckpt_path`` names (a run, cross-validation or
-    exported model), medseg's version, and the SHA-256 of its checkpoint files (in order)."""
+    """The model as a DICOM SEG names its maker: the name of what ``ckpt_path`` names (a model zip's name, ``<task>_<run>``
+    of a run or cross-validation folder, a checkpoint file's name), medseg's version, and the SHA-256 of its checkpoint
+    files (in order)."""
     paths = resolve_checkpoints(ckpt_path)
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as file:
             for block in iter(lambda: file.read(1 << 20), b""):
                 digest.update(block)
-    first = Path(str(ckpt_path[0] if isinstance(ckpt_path, (list, ListConfig)) else ckpt_path)).expanduser()
-    name = first.name if first.is_dir() else first.parent.parent.name if first.parent.name == "checkpoints" else first.stem  # run, cross-validation, file
+    from medseg.model_package import MANIFEST, default_name, source_folder
+
+    first = str(ckpt_path[0] if isinstance(ckpt_path, (list, ListConfig)) else ckpt_path)
+    manifest = paths[0].parent.parent / MANIFEST  # a model zip's, unpacked
+    name = json.loads(manifest.read_text())["name"] if first.endswith(".zip") and manifest.is_file() else default_name(source_folder(first, paths), paths)
     return Algorithm(name=name or "medseg model", version=__version__, checksum=f"sha256:{digest.hexdigest()}")
 
 
