@@ -268,3 +268,39 @@ def test_data_check_reports_the_problems_of_a_dicom_folder(tmp_path):
     assert len(report.warnings) == 1 and "SR" in report.warnings[0].message
     shutil.rmtree(root / "b")
     assert not check_dicom_folder(root).errors
+
+
+def test_multichannel_model_predicts_a_study_through_the_channel_mapping(tmp_path):
+    """A 4-channel BraTS model (a network with a known answer: region r where channel r is non-zero) predicts a study
+    of four oblique series mapped by description exactly as it predicts the same volumes as a NIfTI case folder."""
+    from test_predict import write_case
+
+    ckpt = untrained_checkpoint(tmp_path / "demo.ckpt", "+experiment=demo", "data.root=unused", "data.synthetic=null", "data.spacing=null", "data.patch_size=[32,32,32]")
+    shape, affine = (24, 20, 16), oblique_affine(spacing=(1.5, 1.5, 2.0))
+    rng = np.random.default_rng(0)
+    volumes = {name: np.zeros(shape, np.float32) for name in ("t1", "t1ce", "t2", "flair")}
+    for name, box in (("flair", np.s_[2:22, 2:18, 2:14]), ("t1", np.s_[4:18, 4:16, 3:12]), ("t1ce", np.s_[6:14, 6:12, 4:10]), ("t2", np.s_[8:12, 7:10, 5:8])):
+        volumes[name][box] = np.round(rng.uniform(100, 300, volumes[name][box].shape))  # t1: WT, t1ce: TC, t2: ET (z-scoring keeps zeros)
+    descriptions = {"t1": "T1 SE", "t1ce": "T1 SE +C", "t2": "T2 TSE", "flair": "AX FLAIR"}
+    study = None
+    for number, (name, volume) in enumerate(volumes.items(), start=1):
+        study = write_series(volume, tmp_path / "dicom" / name, "MR", affine=affine, description=descriptions[name], series_number=number, study_uid=study, seed=number)["study_uid"]
+    write_case(tmp_path / "nifti", "case", volumes, affine, ("R", "A", "S"))
+    mapping = "dicom_channels={t1: 't1 se', t1ce: 't1 se +c', t2: 't2*', flair: '*flair*'}"
+
+    def known_answer(self, image):  # (1, 4, H, W, D) -> (1, 3, H, W, D)
+        return torch.where(image[:, :3] != 0, 10.0, -10.0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SegmentationModule, "predict_volume", known_answer)
+        (from_dicom,) = predict(predict_config(ckpt, tmp_path / "dicom", tmp_path / "out_dicom", mapping, "output_format=both"))
+        (from_nifti,) = predict(predict_config(ckpt, tmp_path / "nifti" / "case", tmp_path / "out_nifti"))
+    got, got_affine = canonical(nib.load(from_dicom["prediction"]))
+    expected, expected_affine = canonical(nib.load(from_nifti["prediction"]))
+    np.testing.assert_allclose(got_affine, expected_affine, atol=1e-4)
+    np.testing.assert_array_equal(got, expected)
+    assert set(np.unique(got)) == {0, 1, 2, 4}
+    segments = read_segmentation(from_dicom["dicom_seg"], nib.load(from_dicom["prediction"]))  # (3, X, Y, Z): WT, TC, ET
+    labels = np.asarray(nib.load(from_dicom["prediction"]).dataobj)
+    np.testing.assert_array_equal(segments, np.stack([np.isin(labels, [1, 2, 4]), np.isin(labels, [1, 4]), labels == 4]))
+    assert [s.SegmentLabel for s in hd.seg.segread(from_dicom["dicom_seg"]).SegmentSequence] == ["wt", "tc", "et"]
