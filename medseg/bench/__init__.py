@@ -14,6 +14,9 @@ absolute times are context only), printed as a table and written as JSON (layout
   worker processes, ``.npy`` vs blosc2. Goals: <= 5 MB/case, disk >= 0.8x memory.
 - ``inference`` (:mod:`~medseg.bench.inference`): ``medseg.predict`` vs MONAI ``sliding_window_inference``
   on a 4x240x240x155 case; seconds per case, peak memory. Goal <= 1.05.
+- ``onnx`` (:mod:`~medseg.bench.onnx`): the sliding-window inference of one case through onnxruntime vs torch, same
+  network and weights (CPU provider; on CUDA also the CUDA provider where installed); time ratio, largest difference
+  of the probabilities.
 - ``predict_memory`` (:mod:`~medseg.bench.predict_memory`): peak memory of ``medseg.predict`` on a 488x404x448
   CT with 3 classes, in float32 probability volumes. Goal <= 2.5.
 - ``loss`` (:mod:`~medseg.bench.loss`): ``FocalDiceLoss`` vs MONAI ``DiceFocalLoss``, forward + backward.
@@ -46,4 +49,5 @@ BENCHMARKS = {
     "sweep": "medseg.bench.sweep",
     "scaling": "medseg.bench.scaling",
     "step_variants": "medseg.bench.step_variants",
+    "onnx": "medseg.bench.onnx",
 }
