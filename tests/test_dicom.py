@@ -304,3 +304,37 @@ def test_multichannel_model_predicts_a_study_through_the_channel_mapping(tmp_pat
     labels = np.asarray(nib.load(from_dicom["prediction"]).dataobj)
     np.testing.assert_array_equal(segments, np.stack([np.isin(labels, [1, 2, 4]), np.isin(labels, [1, 4]), labels == 4]))
     assert [s.SegmentLabel for s in hd.seg.segread(from_dicom["dicom_seg"]).SegmentSequence] == ["wt", "tc", "et"]
+
+
+def test_real_scanner_series_shipped_with_pydicom(tmp_path):
+    """pydicom's own test tree of (downsampled) scanner exports: the complete CT series reads as the volume pydicom's
+    pixels and headers give, slice by slice; the sparse CT, the multi-stack MR and the single MR slice are refused,
+    each naming its series; the directory records and reports are skipped, not read as images."""
+    from pydicom.data import get_testdata_file
+
+    tree = Path(get_testdata_file("DICOMDIR")).parent
+    shutil.copytree(tree, tmp_path / "export")
+    shutil.copy(get_testdata_file("test-SR.dcm"), tmp_path / "export" / "report.dcm")
+    found = find_series(tmp_path / "export")
+    by_folder: dict[str, list] = {}
+    for series in found:
+        by_folder.setdefault(Path(series.folder).name, []).append(series)
+    (ct,) = by_folder["CT5N"]
+    datasets = sorted((pydicom.dcmread(f) for f in ct.files), key=lambda d: float(np.dot(d.ImagePositionPatient, np.cross(d.ImageOrientationPatient[:3], d.ImageOrientationPatient[3:]))))
+    expected = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets])  # (slice, row, column)
+    volume = read_series(ct)
+    normal = np.cross(datasets[0].ImageOrientationPatient[:3], datasets[0].ImageOrientationPatient[3:])
+    first = volume.affine[:3, 3]  # LPS position of voxel (0, 0, 0)
+    if np.dot(volume.affine[:3, 0], normal) < 0:  # highdicom may stack the slices in descending order
+        expected, datasets = expected[::-1], datasets[::-1]
+    np.testing.assert_allclose(volume.array, expected)
+    np.testing.assert_allclose(first, np.asarray(datasets[0].ImagePositionPatient, dtype=float), atol=1e-3)
+    row_spacing, column_spacing = map(float, datasets[0].PixelSpacing)
+    np.testing.assert_allclose(volume.affine[:3, 2], np.asarray(datasets[0].ImageOrientationPatient[:3], dtype=float) * column_spacing, atol=1e-4)
+    np.testing.assert_allclose(volume.affine[:3, 1], np.asarray(datasets[0].ImageOrientationPatient[3:], dtype=float) * row_spacing, atol=1e-4)
+    assert "slice(s) missing" in series_problems(by_folder["CT2"][0])[0]
+    assert any("mixed orientations" in p for s in by_folder["MR2"] for p in series_problems(s))
+    assert any("a single slice" in p for s in by_folder["MR1"] for p in series_problems(s))
+    skipped = [s for s in found if not s.image]
+    assert any("SR" in s.modality for s in skipped) and all(not s.image for s in skipped)
+    assert all(s.image for s in found if s.modality in ("CT", "MR") and Path(s.folder).name in ("CT5N", "CT2"))
