@@ -139,16 +139,19 @@ def quiet_exporter() -> Iterator[None]:
     """Keep the exporter's chatter out of medseg's output (errors still raise): its progress lines on stdout, its log
     of the torchvision operators it skips, the warnings of torch's own internals and DynUNet's deep-supervision heads
     (assigned in forward, unused in eval mode, and left out of the graph)."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    # torch.onnx's, and the graph passes of onnxscript / onnx_ir (which log every initializer they deduplicate at INFO).
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
             yield
     finally:
-        exporter_log.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_signature(proto: Any, in_channels: int, out_channels: int) -> None:
