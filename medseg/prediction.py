@@ -591,6 +591,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"expected threshold in (0, 1) (or null: the checkpoint's tuned value), got {cfg.threshold}")
     if not isinstance(cfg.prefetch, int) or isinstance(cfg.prefetch, bool) or cfg.prefetch < 0:
         raise ConfigError(f"expected prefetch to be a whole number >= 0 (cases read ahead; 0: one case after another), got {cfg.prefetch!r}")
+    output_format, seg_type = str(cfg.get("output_format") or "nifti"), str(cfg.get("dicom_seg_type") or "binary")
+    if output_format not in OUTPUT_FORMATS or seg_type not in SEG_TYPES:
+        raise ConfigError(f"expected output_format one of {list(OUTPUT_FORMATS)} and dicom_seg_type one of {list(SEG_TYPES)}, got {output_format!r} and {seg_type!r}")
     device = _device(str(cfg.device))
     inferer = OmegaConf.to_container(cfg.inferer, resolve=True) if cfg.get("inferer") else None
     backend = str(cfg.get("backend") or "torch")
@@ -601,9 +604,6 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     model.to(device)
     data_cfg = train_cfg.data
     source = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
-    output_format, seg_type = str(cfg.get("output_format") or "nifti"), str(cfg.get("dicom_seg_type") or "binary")
-    if output_format not in OUTPUT_FORMATS or seg_type not in SEG_TYPES:
-        raise ConfigError(f"expected output_format one of {list(OUTPUT_FORMATS)} and dicom_seg_type one of {list(SEG_TYPES)}, got {output_format!r} and {seg_type!r}")
     staging = tempfile.TemporaryDirectory(prefix="medseg-dicom-")  # DICOM cases' channels as NIfTI, while predicted
     with staging:
         cases, input_folders, enclosing_root, skipped = input_cases(cfg, source, data_cfg, staging.name)
@@ -629,7 +629,7 @@ def input_cases(cfg: DictConfig, source: Any, data_cfg: DictConfig, staging: str
             cases, skipped = dicom_cases(folder, staging, data_cfg.get("in_channels"), modalities, channels)
         except DicomSeriesError as err:
             raise DatasetError(str(err)) from err
-        except ValueError as err:
+        except (ValueError, ImportError) as err:  # a channel mapping that does not fit; the dicom extra missing
             raise ConfigError(str(err)) from err
         for item in skipped:
             log.warning("%s", item["reason"])

@@ -338,3 +338,17 @@ def test_real_scanner_series_shipped_with_pydicom(tmp_path):
     skipped = [s for s in found if not s.image]
     assert any("SR" in s.modality for s in skipped) and all(not s.image for s in skipped)
     assert all(s.image for s in found if s.modality in ("CT", "MR") and Path(s.folder).name in ("CT5N", "CT2"))
+
+
+def test_dicom_input_without_the_extra_is_one_clear_message(tmp_path, softmax_checkpoint, monkeypatch, caplog):
+    import medseg.dicom.series
+    from medseg.dicom import DICOM_EXTRA_HELP
+
+    write_series(mr_volume(), tmp_path / "dicom", "MR")
+
+    def missing() -> None:
+        raise ImportError(f"{DICOM_EXTRA_HELP} (No module named 'highdicom')")
+
+    monkeypatch.setattr(medseg.dicom.series, "require_dicom", missing)
+    assert run_main(f"ckpt_path={softmax_checkpoint}", f"input={tmp_path / 'dicom'}", f"output={tmp_path / 'out'}") == 1
+    assert "pip install 'medseg[dicom]'" in caplog.text and not (tmp_path / "out").exists()
