@@ -352,3 +352,31 @@ def test_dicom_input_without_the_extra_is_one_clear_message(tmp_path, softmax_ch
     monkeypatch.setattr(medseg.dicom.series, "require_dicom", missing)
     assert run_main(f"ckpt_path={softmax_checkpoint}", f"input={tmp_path / 'dicom'}", f"output={tmp_path / 'out'}") == 1
     assert "pip install 'medseg[dicom]'" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_enhanced_multiframe_object_reads_as_its_single_frame_series(tmp_path):
+    """The same slices as one enhanced (legacy converted, multi-frame) MR object read back identically."""
+    values = np.random.default_rng(0).uniform(0, 1000, (13, 11, 9)).astype(np.float32)
+    write_series(values, tmp_path / "single", "MR", affine=oblique_affine())
+    frames = [pydicom.dcmread(f) for f in sorted((tmp_path / "single").glob("*.dcm"))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(legacy_datasets=frames, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(), instance_number=1)
+    (tmp_path / "multi").mkdir()
+    enhanced.save_as(tmp_path / "multi" / "enhanced.dcm")
+    (single,) = find_series(tmp_path / "single")
+    (multi,) = find_series(tmp_path / "multi")
+    assert multi.image and len(multi.files) == 1 and not series_problems(multi)
+    a, b = canonical(to_nifti(read_series(single))), canonical(to_nifti(read_series(multi)))
+    np.testing.assert_allclose(b[1], a[1], atol=1e-4)
+    np.testing.assert_array_equal(b[0], a[0])
+
+
+def test_localizer_series_are_skipped_not_failed(tmp_path):
+    written = write_series(mr_volume(), tmp_path / "scout", "MR", positions=[0, 1, 2], description="scout", series_number=1)
+    for path in (tmp_path / "scout").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path)
+    write_series(mr_volume(), tmp_path / "axial", "MR", description="axial", series_number=2, study_uid=written["study_uid"])
+    cases, skipped = dicom_cases(tmp_path, tmp_path / "staging", in_channels=1)
+    assert [c["dicom"][0].description for c in cases] == ["axial"] and "problem" not in cases[0]
+    assert len(skipped) == 1 and skipped[0]["series"] == written["series_uid"] and "localizer" in skipped[0]["reason"]

@@ -12,7 +12,8 @@ that names it (``series <SeriesInstanceUID> ('<SeriesDescription>', <n> files in
 (a gap a whole number of spacings wide), unevenly spaced slices, several slices at one position, mixed orientations
 or pixel grids, a single slice, a compressed transfer syntax no installed decoder reads. Objects without pixels
 (structured reports, key object selections, presentation states) and segmentations are not image series: they are
-listed as skipped, never read as images.
+listed as skipped, never read as images; so are localizers (ImageType LOCALIZER: scout views). An enhanced
+(multi-frame) object is one series of one file, read through highdicom's frame geometry.
 
 Cases: a single-channel model predicts every image series as its own case; a model of several channels needs a
 mapping of its channels (``data.modalities``) to series (:func:`dicom_cases`): each channel a pattern matched
@@ -49,7 +50,7 @@ SPACING_TOLERANCE = 0.01  # relative: slice spacings may differ by 1% (rounded p
 _HEADER_TAGS = (
     "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "StudyDate", "Modality", "SeriesNumber",
     "SeriesDescription", "Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient",
-    "NumberOfFrames", "InstanceNumber",
+    "NumberOfFrames", "InstanceNumber", "ImageType",
 )  # fmt: skip
 
 
@@ -65,7 +66,8 @@ class DicomSeries:
         uid: SeriesInstanceUID.
         files: its instances' files, sorted by name (the slice order comes from their positions, not from this).
         sop_class: SOPClassUID of its instances (of the first when they differ: then a problem).
-        image: whether its instances carry a pixel grid in patient space (an image series).
+        image: whether its instances carry a pixel grid in patient space (an image series) and are not localizers.
+        localizer: ImageType says LOCALIZER (scout views: planning images, never a volume to segment).
     """
 
     uid: str
@@ -78,6 +80,7 @@ class DicomSeries:
     study_uid: str
     study_date: str
     image: bool
+    localizer: bool = False
 
     @property
     def folder(self) -> str:
@@ -131,12 +134,14 @@ def find_series(folder: str | os.PathLike) -> list[DicomSeries]:
         members.sort(key=lambda m: m[0])
         first = members[0][1]
         sop_class = str(first.get("SOPClassUID", ""))
-        image = sop_class not in SEGMENTATION_CLASSES and all(all(k in ds for k in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient")) for _, ds in members)
+        image = sop_class not in SEGMENTATION_CLASSES and all(_is_image(ds) for _, ds in members)
+        localizer = image and all("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])] for _, ds in members)
         number = first.get("SeriesNumber")
         found.append(DicomSeries(
             uid=uid, files=tuple(f for f, _ in members), sop_class=sop_class, modality=str(first.get("Modality", "")),
             description=str(first.get("SeriesDescription", "")), series_number=int(number) if number not in (None, "") else None,
-            patient_id=str(first.get("PatientID", "")), study_uid=str(first.get("StudyInstanceUID", "")), study_date=str(first.get("StudyDate", "")), image=image,
+            patient_id=str(first.get("PatientID", "")), study_uid=str(first.get("StudyInstanceUID", "")), study_date=str(first.get("StudyDate", "")),
+            image=image and not localizer, localizer=localizer,
         ))  # fmt: skip
     return sorted(found, key=lambda s: (s.patient_id, s.study_uid, s.series_number if s.series_number is not None else -1, s.uid))
 
@@ -145,6 +150,8 @@ def not_an_image_reason(series: DicomSeries) -> str:
     """Why ``series`` is skipped rather than read: what kind of object it is."""
     import pydicom.uid
 
+    if series.localizer:
+        return f"{series.describe()}: a localizer (ImageType LOCALIZER: scout views), not a volume to segment: skipped"
     kind = SEGMENTATION_CLASSES.get(series.sop_class) or pydicom.uid.UID(series.sop_class).name if series.sop_class else "object without SOPClassUID"
     return f"{series.describe()}: a {kind} object ({series.modality or 'no modality'}), not an image series: skipped"
 
@@ -352,6 +359,14 @@ def _case_stem(series: DicomSeries, single: bool) -> str:
     if single:
         parts.append(f"S{series.series_number}" if series.series_number is not None else series.uid.split(".")[-1][-8:])
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-")
+
+
+def _is_image(ds: Any) -> bool:
+    """An instance with a pixel grid placed in patient space: single-frame (ImagePositionPatient and
+    ImageOrientationPatient) or multi-frame (NumberOfFrames > 1: the enhanced objects keep them per frame)."""
+    if "Rows" not in ds or "Columns" not in ds:
+        return False
+    return ("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds) or int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
 def _files(folder: Path) -> list[Path]:
