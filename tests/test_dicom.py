@@ -128,8 +128,9 @@ def test_oblique_mr_series_reads_back_whatever_the_file_order(tmp_path, seed):
         (lambda folder: _duplicate_positions(folder), "share a position"),
         (lambda folder: write_series(mr_volume(), folder, "MR", positions=[3]), "a single slice"),
         (lambda folder: write_series(mr_volume(), folder, "MR", transfer_syntax=undecodable_syntax()), "which no installed decoder reads"),
+        (lambda folder: write_series(mr_volume(), folder, "MR") and _set_all(folder, SamplesPerPixel=3, PhotometricInterpretation="RGB"), "colour pixels"),
     ],
-    ids=["missing-slice", "uneven-spacing", "mixed-orientations", "repeated-positions", "single-slice", "compressed-without-decoder"],
+    ids=["missing-slice", "uneven-spacing", "mixed-orientations", "repeated-positions", "single-slice", "compressed-without-decoder", "colour"],
 )
 def test_broken_series_are_refused_with_a_message_naming_them(tmp_path, make, expected):
     make(tmp_path / "series")
@@ -147,6 +148,15 @@ def _shift_slice(folder: Path, mm: float) -> None:
     ds = pydicom.dcmread(files[-1])
     ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + mm]
     ds.save_as(files[-1])
+
+
+def _set_all(folder: Path, **elements) -> None:
+    """Set header elements in every file of a series."""
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
 
 
 def _two_orientations(folder: Path) -> None:

@@ -185,6 +185,9 @@ def series_problems(series: DicomSeries, datasets: Sequence[Any] | None = None) 
                 available, missing = False, "no pydicom decoder exists for it"
             if not available:
                 problems.append(f"{name}: pixel data compressed as {uid.name} ({uid}), which no installed decoder reads ({missing}); install one of those, or export the series uncompressed")
+    samples = {int(ds.get("SamplesPerPixel", 1) or 1) for ds in datasets}
+    if samples != {1}:
+        problems.append(f"{name}: colour pixels ({max(samples)} samples per pixel: a screen capture or a rendering?); a scan volume has one")
     if len({str(ds.SOPClassUID) for ds in datasets if "SOPClassUID" in ds}) > 1:
         problems.append(f"{name}: its instances are of {len({str(ds.SOPClassUID) for ds in datasets})} different SOP classes")
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
@@ -239,9 +242,11 @@ def read_series(series: DicomSeries) -> highdicom.Volume:
         raise DicomSeriesError("; ".join(problems))
     try:
         if len(datasets) == 1:  # one multi-frame instance (enhanced CT/MR)
-            volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype=np.float32)
+            volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype=np.float32, apply_real_world_transform=False, apply_voi_transform=False)
         else:
-            volume = hd.get_volume_from_series(datasets, dtype=np.float32, apply_voi_transform=False)
+            # The modality transform (RescaleSlope / RescaleIntercept, a modality LUT), not a real-world value map nor
+            # a display (VOI) window: the values dcm2niix writes, which a model trained on converted NIfTI has seen.
+            volume = hd.get_volume_from_series(datasets, dtype=np.float32, apply_real_world_transform=False, apply_voi_transform=False)
     except Exception as err:  # highdicom's own geometry and pixel checks
         raise DicomSeriesError(f"{series.describe()}: cannot be read as a volume ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
     return volume
