@@ -179,3 +179,35 @@ def test_onnx_format_writes_one_network_with_the_config_as_metadata(trained_run,
     assert json.loads(metadata["medseg_operating_point"])["regions"].keys() == {"wt", "tc", "et"}
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1] == 4 and all(isinstance(d, str) for d in (dims[0], *dims[2:]))  # batch and spatial axes dynamic
+
+
+@pytest.mark.slow
+def test_cross_validation_zip_is_an_ensemble_also_under_onnxruntime(trained_run, brats_tree, tmp_path, monkeypatch):
+    """A cross-validation folder (two folds) exports as a two-member zip whose card speaks of out-of-fold numbers; the
+    zip predicts what the folder predicts, with torch and with one onnxruntime session per fold."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'medseg[onnx]'")
+    from medseg.onnx_backend import PROBABILITY_TOLERANCE
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    cv = tmp_path / "outputs" / "demo" / "crossval" / "cv1"
+    source = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in source["state_dict"].items()}  # two different members
+        (cv / f"fold_{fold}" / "checkpoints").mkdir(parents=True)
+        torch.save({**source, "state_dict": state}, cv / f"fold_{fold}" / "checkpoints" / "last.ckpt")
+    (cv / "crossval.json").write_text(json.dumps({"checkpoints": [f"fold_{k}/checkpoints/last.ckpt" for k in (0, 1)], "folds": 2, "cases": 6, "metrics": {"dice_wt": 0.5, "lesion_f1_wt": 0.25}}))
+    out = tmp_path / "cv.zip"
+    export(compose_export(f"ckpt_path={cv}", f"output={out}", "include_onnx=true"))
+    with zipfile.ZipFile(out) as zf:
+        manifest, card = json.loads(zf.read(MANIFEST)), zf.read(CARD).decode()
+    assert manifest["name"] == "demo_cv1" and manifest["members"] == ["checkpoints/0.ckpt", "checkpoints/1.ckpt"] and manifest["onnx"] == ["onnx/0.onnx", "onnx/1.onnx"]
+    assert "out-of-fold" in card and "| dice_wt | 0.5 |" in card and "| lesion_f1_wt | 0.25 |" in card
+    case = sorted(p for p in brats_tree.iterdir() if p.is_dir())[0]
+    results = [predict(predict_config(ckpt, case, tmp_path / name, "save_probabilities=true", *extra))[0]
+               for name, ckpt, extra in (("folder", cv, ()), ("zip", out, ()), ("onnx", out, ("backend=onnxruntime",)))]  # fmt: skip
+    probs = [np.asarray(nib.load(r["probabilities"]).dataobj) for r in results]
+    np.testing.assert_array_equal(probs[1], probs[0])
+    assert np.abs(probs[2] - probs[0]).max() <= PROBABILITY_TOLERANCE
+    single = predict(predict_config(cv / "fold_0" / "checkpoints" / "last.ckpt", case, tmp_path / "fold0", "save_probabilities=true"))[0]
+    assert np.abs(np.asarray(nib.load(single["probabilities"]).dataobj) - probs[0]).max() > 1e-4  # the ensemble averages two different folds
