@@ -25,7 +25,7 @@ from conftest import shared_dataset  # noqa: E402
 from dicom_series import write_series, write_structured_report  # noqa: E402
 from medseg import __version__  # noqa: E402
 from medseg.dicom.seg import read_segmentation  # noqa: E402
-from medseg.dicom.series import DicomSeriesError, dicom_cases, find_series, is_dicom_folder, read_series, series_problems, to_nifti  # noqa: E402
+from medseg.dicom.series import DicomSeriesError, dicom_cases, find_series, is_dicom_folder, read_series, series_problems, stage_case, to_nifti  # noqa: E402
 from medseg.module import SegmentationModule  # noqa: E402
 from medseg.prediction import predict  # noqa: E402
 from test_predict import predict_config, run_main, untrained_checkpoint  # noqa: E402
@@ -390,3 +390,36 @@ def test_localizer_series_are_skipped_not_failed(tmp_path):
     cases, skipped = dicom_cases(tmp_path, tmp_path / "staging", in_channels=1)
     assert [c["dicom"][0].description for c in cases] == ["axial"] and "problem" not in cases[0]
     assert len(skipped) == 1 and skipped[0]["series"] == written["series_uid"] and "localizer" in skipped[0]["reason"]
+
+
+def test_channels_on_other_grids_are_resampled_in_patient_space(tmp_path):
+    """A second channel acquired on another grid (rotated, other spacing) in the study's frame of reference lands on
+    the first channel's grid with the values of patient space: a linear field, which trilinear resampling keeps exactly
+    (up to the stored integers' rounding); without a shared FrameOfReferenceUID the case is refused by name."""
+    gradient, offset = np.array([3.0, -2.0, 5.0]), 500.0
+
+    def field(shape, affine):  # value = gradient . (RAS position of the voxel) + offset
+        ijk = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1).reshape(-1, 3)
+        return ((ijk @ affine[:3, :3].T + affine[:3, 3]) @ gradient + offset).reshape(shape)
+
+    grid_a = np.diag([2.0, 2.0, 3.0, 1.0])
+    grid_b = oblique_affine(spacing=(1.5, 1.7, 1.6), origin=(-3.0, -2.0, -4.0))
+    flair = write_series(field((20, 18, 12), grid_a), tmp_path / "dicom" / "flair", "MR", affine=grid_a, description="flair", series_number=1)
+    t1 = write_series(field((30, 28, 26), grid_b), tmp_path / "dicom" / "t1", "MR", affine=grid_b, description="t1", series_number=2,
+                      study_uid=flair["study_uid"], frame_of_reference_uid=flair["frame_of_reference_uid"])  # fmt: skip
+    (case,), _ = dicom_cases(tmp_path / "dicom", tmp_path / "staging", 2, ["flair", "t1"], {"flair": "flair", "t1": "t1"})
+    stage_case(case)
+    staged_flair, staged_t1 = (nib.load(f) for f in case["image"])
+    assert staged_t1.shape == staged_flair.shape and np.allclose(staged_t1.affine, staged_flair.affine)
+    expected = field(staged_flair.shape, staged_flair.affine)
+    values = np.asarray(staged_t1.dataobj)
+    inside = values != 0  # the voxels of the flair grid that the t1 field of view covers
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(values[inside], expected[inside], atol=0.51)  # the series stores rounded integers
+    other = write_series(field((30, 28, 26), grid_b), tmp_path / "other" / "t1", "MR", affine=grid_b, description="t1", series_number=2, study_uid=flair["study_uid"])
+    shutil.copytree(tmp_path / "dicom" / "flair", tmp_path / "other" / "flair")
+    (case,), _ = dicom_cases(tmp_path / "other", tmp_path / "staging2", 2, ["flair", "t1"], {"flair": "flair", "t1": "t1"})
+    with pytest.raises(DicomSeriesError, match="FrameOfReferenceUID") as err:
+        stage_case(case)
+    assert other["series_uid"] in str(err.value)
+    assert t1["series_uid"] != other["series_uid"]

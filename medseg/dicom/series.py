@@ -18,7 +18,9 @@ listed as skipped, never read as images; so are localizers (ImageType LOCALIZER:
 Cases: a single-channel model predicts every image series as its own case; a model of several channels needs a
 mapping of its channels (``data.modalities``) to series (:func:`dicom_cases`): each channel a pattern matched
 (case-insensitively, ``fnmatch``) against the SeriesDescription, or a SeriesInstanceUID; the series of one study
-(StudyInstanceUID) that match form one case.
+(StudyInstanceUID) that match form one case. The first channel's series is the case's grid (and the one its SEG
+references): the others, when acquired on other grids in the same frame of reference (a sagittal 3D T1 beside an
+axial FLAIR), are resampled onto it (trilinear, in patient coordinates).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SPACING_TOLERANCE = 0.01  # relative: slice spacings may differ by 1% (rounded p
 _HEADER_TAGS = (
     "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "StudyDate", "Modality", "SeriesNumber",
     "SeriesDescription", "Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient",
-    "NumberOfFrames", "InstanceNumber", "ImageType",
+    "NumberOfFrames", "InstanceNumber", "ImageType", "FrameOfReferenceUID",
 )  # fmt: skip
 
 
@@ -81,6 +83,7 @@ class DicomSeries:
     study_date: str
     image: bool
     localizer: bool = False
+    frame_of_reference: str = ""
 
     @property
     def folder(self) -> str:
@@ -141,7 +144,7 @@ def find_series(folder: str | os.PathLike) -> list[DicomSeries]:
             uid=uid, files=tuple(f for f, _ in members), sop_class=sop_class, modality=str(first.get("Modality", "")),
             description=str(first.get("SeriesDescription", "")), series_number=int(number) if number not in (None, "") else None,
             patient_id=str(first.get("PatientID", "")), study_uid=str(first.get("StudyInstanceUID", "")), study_date=str(first.get("StudyDate", "")),
-            image=image and not localizer, localizer=localizer,
+            image=image and not localizer, localizer=localizer, frame_of_reference=str(first.get("FrameOfReferenceUID", "")),
         ))  # fmt: skip
     return sorted(found, key=lambda s: (s.patient_id, s.study_uid, s.series_number if s.series_number is not None else -1, s.uid))
 
@@ -350,12 +353,25 @@ def stage_case(record: Mapping[str, Any]) -> None:
     if record.get("problem"):
         raise DicomSeriesError(record["problem"])
     images = [to_nifti(read_series(s)) for s in record["dicom"]]
-    for series, image in zip(record["dicom"][1:], images[1:]):
-        if image.shape != images[0].shape or not np.allclose(image.affine, images[0].affine, atol=1e-3):
-            raise DicomSeriesError(f"{series.describe()}: its grid {image.shape} differs from that of {record['dicom'][0].describe()} {images[0].shape}; the channels of a case must share one grid")
+    reference = record["dicom"][0]
+    for index, (series, image) in enumerate(zip(record["dicom"][1:], images[1:]), start=1):
+        if image.shape == images[0].shape and np.allclose(image.affine, images[0].affine, atol=1e-3):
+            continue
+        if not series.frame_of_reference or series.frame_of_reference != reference.frame_of_reference:
+            raise DicomSeriesError(f"{series.describe()}: its grid differs from that of {reference.describe()} and the two do not share a FrameOfReferenceUID, "
+                                   "so their patient coordinates cannot be related; register the series first (or export them on one grid)")
+        images[index] = resample_to(image, images[0])
     for path, image in zip(record["image"], images):
         with atomic_path(path, keep_suffix=True) as tmp:
             nib.save(image, tmp)
+
+
+def resample_to(image: nib.Nifti1Image, reference: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``image`` resampled (trilinear; 0 outside its field of view) onto ``reference``'s grid, through the patient
+    coordinates both share (one FrameOfReferenceUID: the scanner's, while the patient did not move)."""
+    from nibabel.processing import resample_from_to
+
+    return resample_from_to(image, (reference.shape[:3], reference.affine), order=1, mode="constant", cval=0.0)
 
 
 def _case_stem(series: DicomSeries, single: bool) -> str:
