@@ -96,12 +96,14 @@ def load_model(ckpt_path: Any, inferer: dict[str, Any] | None = None, backend: s
     if backend not in BACKENDS:
         raise ConfigError(f"expected backend one of {list(BACKENDS)}, got {backend!r}")
     paths = resolve_checkpoints(ckpt_path)
+    if backend != "onnxruntime" and any(p.suffix == ".onnx" for p in paths):
+        raise ConfigError(f"ckpt_path names an ONNX network ({[str(p) for p in paths if p.suffix == '.onnx'][0]}): predict it with backend=onnxruntime")
     model, cfg, tuned_on = _load_one(paths[0], inferer)
     if len(paths) == 1:
         if tuned_on and tuned_on not in (paths[0].name, "crossval"):  # a fold alone applies its cross-validation's point
             log.warning("%s carries the operating point its run tuned on the probabilities of %s; with these weights its numbers may differ "
                         "(ckpt_path=<run folder> takes %s)", paths[0].name, tuned_on, tuned_on)
-        if backend == "onnxruntime":
+        if backend == "onnxruntime" and paths[0].suffix != ".onnx":  # an .onnx file's module runs it already
             from medseg.onnx_backend import use_onnxruntime
 
             use_onnxruntime(model, onnx_network_file(paths[0], model, cfg))
@@ -124,6 +126,8 @@ def onnx_network_file(checkpoint: Path, model: SegmentationModule, cfg: DictConf
     from medseg.model_package import installed_onnx, model_cache_dir, sha256_file
     from medseg.onnx_backend import export_network
 
+    if checkpoint.suffix == ".onnx":  # an exported network itself
+        return checkpoint
     shipped = installed_onnx(checkpoint)
     if shipped is not None:
         return shipped
@@ -135,7 +139,10 @@ def onnx_network_file(checkpoint: Path, model: SegmentationModule, cfg: DictConf
 
 
 def _load_one(path: Path, inferer: dict[str, Any] | None) -> tuple[SegmentationModule, DictConfig, str | None]:
-    """One checkpoint's module (eval mode, CPU), its config, and the checkpoint its operating point was tuned on."""
+    """One checkpoint's module (eval mode, CPU), its config, and the checkpoint its operating point was tuned on. An
+    ``.onnx`` file of ``medseg.export format=onnx`` carries its config and point as metadata: its module runs the file."""
+    if path.suffix == ".onnx":
+        return _load_onnx(path, inferer)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "not a readable checkpoint"
@@ -153,6 +160,24 @@ def _load_one(path: Path, inferer: dict[str, Any] | None) -> tuple[SegmentationM
         raise ConfigError(f"checkpoint {str(path)!r}: the weights do not fit the network of its saved config: {_first_line(err)}") from err
     model.on_load_checkpoint(checkpoint)  # the tuned operating point, when the final evaluation stored one
     return model.eval(), cfg, (checkpoint.get(CHECKPOINT_KEY) or {}).get(TUNED_ON)
+
+
+def _load_onnx(path: Path, inferer: dict[str, Any] | None) -> tuple[SegmentationModule, DictConfig, str | None]:
+    """The module of an exported ONNX network: built from the config in its metadata, running the file (onnxruntime)."""
+    from medseg.onnx_backend import OnnxNetwork, use_onnxruntime
+
+    network = OnnxNetwork(path)
+    if "medseg_config" not in network.metadata:
+        raise ConfigError(f"{path}: an ONNX file without medseg's config in its metadata; expected one written by python -m medseg.export format=onnx")
+    saved = {"medseg_config": json.loads(network.metadata["medseg_config"]), CHECKPOINT_KEY: json.loads(network.metadata.get(CHECKPOINT_KEY) or "null")}
+    cfg = OmegaConf.create(saved["medseg_config"])
+    overrides = {k: v for k, v in (inferer or {}).items() if v is not None}
+    if overrides:
+        cfg.model.inferer = OmegaConf.merge(cfg.model.inferer, overrides)
+    model = build_model(cfg)
+    model.on_load_checkpoint(saved)
+    use_onnxruntime(model, path)
+    return model.eval(), cfg, (saved[CHECKPOINT_KEY] or {}).get(TUNED_ON)
 
 
 def check_output_folder(output: str | Path, input_folders: list[Path], enclosing_root: Path | None = None, reference_folders: Sequence[Path] = ()) -> Path:

@@ -179,6 +179,17 @@ def test_onnx_format_writes_one_network_with_the_config_as_metadata(trained_run,
     assert json.loads(metadata["medseg_operating_point"])["regions"].keys() == {"wt", "tc", "et"}
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1] == 4 and all(isinstance(d, str) for d in (dims[0], *dims[2:]))  # batch and spatial axes dynamic
+    # The file alone predicts: its metadata rebuilds the pipeline (preprocessing, point), onnxruntime runs the network.
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'medseg[onnx]'")
+    from medseg.onnx_backend import PROBABILITY_TOLERANCE
+
+    case = sorted(p for p in brats_tree.iterdir() if p.is_dir())[2]
+    from_run = predict(predict_config(trained_run, case, tmp_path / "torch", "save_probabilities=true"))[0]
+    from_file = predict(predict_config(out, case, tmp_path / "onnx", "save_probabilities=true", "backend=onnxruntime"))[0]
+    difference = np.abs(np.asarray(nib.load(from_run["probabilities"]).dataobj) - np.asarray(nib.load(from_file["probabilities"]).dataobj))
+    assert difference.max() <= PROBABILITY_TOLERANCE
+    with pytest.raises(ConfigError, match="backend=onnxruntime"):
+        predict(predict_config(out, case, tmp_path / "refused"))
 
 
 @pytest.mark.slow
