@@ -423,3 +423,24 @@ def test_channels_on_other_grids_are_resampled_in_patient_space(tmp_path):
         stage_case(case)
     assert other["series_uid"] in str(err.value)
     assert t1["series_uid"] != other["series_uid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("experiment", "dataset", "image", "modality"),
+    [("hippocampus", "Task04_Hippocampus", "imagesTr/hippocampus_001.nii.gz", "MR"), ("ct_abdomen", "CT_abdomen", "imagesTr/abdomen_sm.nii.gz", "CT")],
+)
+def test_real_scan_predicts_the_same_from_dicom_as_from_nifti(tmp_path, experiment, dataset, image, modality):
+    """A real scan (integer-valued, so DICOM stores it exactly) exported as a shuffled DICOM series is predicted by the
+    preset's network (random weights: any network is a test of the path) exactly as its NIfTI file is."""
+    source = nib.load(shared_dataset(dataset) / image)
+    ckpt = untrained_checkpoint(tmp_path / f"{experiment}.ckpt", f"+experiment={experiment}", "data.root=unused")
+    write_series(source, tmp_path / "dicom", modality, slope=1.0, intercept=-1024.0 if modality == "CT" else 0.0)
+    (from_dicom,) = predict(predict_config(ckpt, tmp_path / "dicom", tmp_path / "out_dicom", "save_probabilities=true"))
+    (from_nifti,) = predict(predict_config(ckpt, [shared_dataset(dataset) / image], tmp_path / "out_nifti", "save_probabilities=true"))
+    got, got_affine = canonical(nib.load(from_dicom["prediction"]))
+    expected, expected_affine = canonical(nib.load(from_nifti["prediction"]))
+    np.testing.assert_allclose(got_affine, expected_affine, atol=1e-4)
+    np.testing.assert_array_equal(got, expected)
+    probabilities = [nib.as_closest_canonical(nib.load(r["probabilities"])).get_fdata() for r in (from_dicom, from_nifti)]
+    np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-5)
