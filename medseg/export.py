@@ -43,7 +43,9 @@ def export(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
         raise ConfigError(f"expected format one of {list(FORMATS)}, got {cfg.format!r}")
     if cfg.format == "zip":
-        manifest = write_model_zip(ckpt_path, output, cfg.get("name"), bool(cfg.include_onnx), bool(cfg.overwrite))
+        if cfg.get("fold") is not None:
+            raise ConfigError("fold= chooses the network of format=onnx; a zip holds every fold (drop fold=, or use format=onnx)")
+        manifest = write_model_zip(ckpt_path, output, cfg.get("name"), bool(cfg.include_onnx), bool(cfg.overwrite), bool(cfg.get("case_reports", False)))
         log.info("Wrote %s: model %r, %d checkpoint(s)%s, %s", output, manifest["name"], len(manifest["members"]), " with ONNX networks" if manifest["onnx"] else "", "MODEL_CARD.md inside")
         return output
     return export_onnx(ckpt_path, output, cfg.get("fold"), cfg.get("name"), bool(cfg.overwrite))

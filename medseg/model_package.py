@@ -10,12 +10,14 @@ writes::
     labels.json              label names, values, regions or classes (data.labels)
     preprocessing.json       what preprocessing does to an input (orientation, spacing, intensity, crop)
     checkpoints/<k>.ckpt     each member's weights + config (paths removed) + operating point; nothing else
-    report/...               the run's metrics.json or crossval.json, operating-point sweep, evaluation table and pictures
+    report/...               the run's metrics.json or crossval.json, operating-point sweep, evaluation summary and pictures
+                             (case_reports=true: also the split and the per-case table, whose case ids may identify patients)
     onnx/<k>.onnx            (include_onnx=true) each member's network for onnxruntime
 
 ``medseg.predict ckpt_path=<name>.zip`` (:func:`installed_checkpoints`, through :func:`medseg.ensemble.resolve_checkpoints`)
 unpacks it once into ``$MEDSEG_CACHE/models/`` (else ``~/.cache/medseg/models/``), in a folder named by the zip's
-checksum, checks every file against the manifest, and predicts with its checkpoints as with the source's.
+SHA-256 (a renamed copy is the same model), checks every file against the manifest, and predicts with its
+checkpoints as with the source's.
 
 Machine paths: every string of the config (and of the JSON reports) that is a filesystem path of the training
 machine (absolute, ``~``, ``./`` or ``../``) becomes ``null``; prediction never reads them.
@@ -23,6 +25,7 @@ machine (absolute, ``~``, ``./`` or ``../``) becomes ``null``; prediction never 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -49,10 +52,11 @@ ONNX_DIR = "onnx"
 REPORT_DIR = "report"
 # Report files of a run or cross-validation folder, copied when present (JSON files with their machine paths removed).
 REPORT_FILES = (
-    "metrics.json", "crossval.json", "operating_point.json", "operating_point_sweep.csv", "operating_point_sweep.png", "splits.json",
-    "validation/evaluation/summary.json", "validation/evaluation/evaluation.csv", "validation/evaluation/dice_per_case.png", "validation/evaluation/recall_by_lesion_size.png",
-    "oof/evaluation/summary.json", "oof/evaluation/evaluation.csv", "oof/evaluation/dice_per_case.png", "oof/evaluation/recall_by_lesion_size.png",
+    "metrics.json", "crossval.json", "operating_point.json", "operating_point_sweep.csv", "operating_point_sweep.png",
+    "validation/evaluation/summary.json", "validation/evaluation/recall_by_lesion_size.png", "oof/evaluation/summary.json", "oof/evaluation/recall_by_lesion_size.png",
 )  # fmt: skip
+# Report files naming the cases (their ids may identify patients): only with case_reports=true.
+CASE_REPORT_FILES = ("splits.json", "validation/evaluation/evaluation.csv", "validation/evaluation/dice_per_case.png", "oof/evaluation/evaluation.csv", "oof/evaluation/dice_per_case.png")
 _PATH_PREFIXES = ("/", "~", "./", "../", "\\\\")
 
 
@@ -78,27 +82,32 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def portable_checkpoint(path: Path) -> dict[str, Any]:
-    """What prediction needs of a checkpoint: weights, the config without machine paths, the operating point."""
-    from medseg.postprocess import CHECKPOINT_KEY
+def portable_checkpoint(path: Path, member: str) -> dict[str, Any]:
+    """What prediction needs of a checkpoint: weights, the config without machine paths, the operating point (tuned on
+    this checkpoint: now on ``member``, its name in the zip; or on its cross-validation: kept)."""
+    from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("medseg_config"), dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"checkpoint {str(path)!r} has no saved training config ('medseg_config') and weights; expected a checkpoint written by medseg.train")
     kept = {"state_dict": checkpoint["state_dict"], "medseg_config": without_machine_paths(checkpoint["medseg_config"])}
     if checkpoint.get(CHECKPOINT_KEY) is not None:
-        kept[CHECKPOINT_KEY] = checkpoint[CHECKPOINT_KEY]
+        point = dict(checkpoint[CHECKPOINT_KEY])
+        kept[CHECKPOINT_KEY] = {**point, TUNED_ON: member} if point.get(TUNED_ON) == path.name else point
     return kept
 
 
-def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None = None, include_onnx: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None = None, include_onnx: bool = False, overwrite: bool = False, case_reports: bool = False) -> dict[str, Any]:
     """Write the model zip of a run, cross-validation or checkpoint(s) (see the module docstring).
 
     Args:
         ckpt_path: what ``medseg.predict ckpt_path=`` accepts (run folder, cross-validation folder, ``.ckpt``, a list).
         output: the ``.zip`` to write (atomically; refused if it exists, unless ``overwrite``).
         name: the model's name (default: the run or cross-validation folder's name).
-        include_onnx: also export each member's network to ``onnx/<k>.onnx`` (the ``onnx`` extra).
+        include_onnx: also export each member's network to ``onnx/<k>.onnx`` (the ``onnx`` extra), with the same
+            metadata as ``format=onnx`` (so that each file also predicts alone).
+        case_reports: also ship the report files that name the cases (:data:`CASE_REPORT_FILES`: the split, the
+            per-case evaluation table); off by default, since case ids of clinical data may identify patients.
 
     Returns:
         The manifest written.
@@ -117,7 +126,7 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
     paths = resolve_checkpoints(ckpt_path)
     source = source_folder(ckpt_path, paths)
     name = name or default_name(source, paths)
-    members = [portable_checkpoint(p) for p in paths]
+    members = [portable_checkpoint(p, f"{k}.ckpt") for k, p in enumerate(paths)]
     config = members[0]["medseg_config"]
     from medseg.build import preprocessing_options_from_config
     from medseg.postprocess import CHECKPOINT_KEY
@@ -134,7 +143,7 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
     files["labels.json"] = json.dumps(config["data"]["labels"], indent=2).encode()
     files["preprocessing.json"] = json.dumps({"modalities": config["data"].get("modalities"), "in_channels": config["data"].get("in_channels"), **preprocessing_options_from_config(config["data"])}, indent=2, default=list).encode()
     report = {}
-    for relative in REPORT_FILES if source is not None else ():
+    for relative in (*REPORT_FILES, *(CASE_REPORT_FILES if case_reports else ())) if source is not None else ():
         path = source / relative
         if path.is_file():
             data = path.read_bytes()
@@ -143,14 +152,11 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
                 data = json.dumps(report[relative], indent=2).encode()
             files[f"{REPORT_DIR}/{relative}"] = data
     if include_onnx:
-        from medseg.onnx_backend import export_network
-        from medseg.prediction import load_model
+        from medseg.export import export_onnx
 
         for k, path in enumerate(paths):
-            model, cfg = load_model(path)
             with tempfile.TemporaryDirectory() as tmp:
-                onnx_path = export_network(model.net, int(cfg.data.in_channels), Path(tmp) / "net.onnx", list(model.inferer["roi_size"]), metadata={"medseg_version": __version__, "model": name, "member": str(k)})
-                files[f"{ONNX_DIR}/{k}.onnx"] = onnx_path.read_bytes()
+                files[f"{ONNX_DIR}/{k}.onnx"] = export_onnx(path, Path(tmp) / "net.onnx", name=f"{name} (fold {k})" if len(paths) > 1 else name).read_bytes()
     manifest = {
         "format": FORMAT_VERSION, "name": name, "medseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "members": [f"{CHECKPOINT_DIR}/{k}.ckpt" for k in range(len(members))], "onnx": [f"{ONNX_DIR}/{k}.onnx" for k in range(len(members))] if include_onnx else [],
@@ -191,24 +197,55 @@ def model_cache_dir() -> Path:
 
 
 def installed_folder(archive: str | os.PathLike) -> Path:
-    """The folder a model zip is unpacked into (once; checked against its manifest), and unpacks it if needed.
+    """The folder a model zip is unpacked into (once, named by the zip's SHA-256, checked against its manifest), and
+    unpacks it if needed (again when a member went missing from it).
 
     Raises:
-        ConfigError: not a medseg model zip, or a file differs from the manifest's checksum.
+        ConfigError: not a medseg model zip, a file differs from the manifest's checksum, or the cache is not writable.
     """
-    archive = Path(archive).expanduser()
+    archive = Path(archive).expanduser().resolve()
+    stat = archive.stat()
+    return _installed_folder(archive, stat.st_size, stat.st_mtime_ns, str(model_cache_dir()))
+
+
+@functools.lru_cache(maxsize=8)
+def _installed_folder(archive: Path, size: int, mtime_ns: int, cache: str) -> Path:
+    """:func:`installed_folder`, once per zip file version (path, size, modification time) and cache: a prediction
+    resolves its checkpoints several times, and a zip of several folds is worth hashing once."""
     digest = sha256_file(archive)
-    folder = model_cache_dir() / f"{archive.stem}-{digest[:12]}"
-    if (folder / MANIFEST).is_file():
+    folder = Path(cache) / digest[:16]
+    if _complete(folder):
         return folder
+    try:
+        _unpack(archive, folder)
+    except OSError as err:
+        raise ConfigError(f"cannot unpack {archive} into {folder} ({type(err).__name__}: {err}); set MEDSEG_CACHE to a writable folder") from err
+    return folder
+
+
+def _complete(folder: Path) -> bool:
+    """An unpacked zip with its manifest and every member it lists."""
+    if not (folder / MANIFEST).is_file():
+        return False
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return all((folder / p).is_file() for p in [*manifest.get("members", []), *manifest.get("onnx", [])])
+
+
+def _unpack(archive: Path, folder: Path) -> None:
+    """Unpack ``archive`` into ``folder`` through a staging folder beside it, every file checked against the manifest."""
+    if folder.exists():  # incomplete (a member removed by a cache cleaner): unpacked again
+        shutil.rmtree(folder, ignore_errors=True)
     try:
         with zipfile.ZipFile(archive) as zf:
             if MANIFEST not in zf.namelist():
                 raise ConfigError(f"{archive}: no {MANIFEST}; expected a model zip written by python -m medseg.export")
             manifest = json.loads(zf.read(MANIFEST))
-            unsafe = [n for n in zf.namelist() if n.startswith("/") or ".." in Path(n).parts]
+            unsafe = [n for n in [*zf.namelist(), *manifest.get("members", []), *manifest.get("onnx", [])] if n.startswith(("/", "\\")) or ".." in Path(n).parts]
             if unsafe:
                 raise ConfigError(f"{archive}: unsafe member paths {unsafe[:3]}")
+            unlisted = [n for n in [*manifest.get("members", []), *manifest.get("onnx", [])] if n not in manifest.get("files", {})]
+            if unlisted:
+                raise ConfigError(f"{archive}: members without a checksum in {MANIFEST}: {unlisted[:3]}")
             folder.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
             try:
@@ -219,13 +256,12 @@ def installed_folder(archive: str | os.PathLike) -> Path:
                 try:
                     os.replace(staging, folder)  # another process may have installed it meanwhile: then keep its copy
                 except OSError:
-                    if not (folder / MANIFEST).is_file():
+                    if not _complete(folder):
                         raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except zipfile.BadZipFile as err:
         raise ConfigError(f"{archive}: not a zip file ({err})") from err
-    return folder
 
 
 def installed_checkpoints(archive: str | os.PathLike) -> list[Path]:

@@ -417,16 +417,15 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
     point = options.point or OperatingPoint.uniform(spec.names)
     masks = postprocess(probs, spec.mode, point, float(np.prod(spacing_mm(reference))), options.connectivity, spec.nesting)  # (R, X, Y, Z)
     labels = labels_of(masks, spec)  # (X, Y, Z), what segment() gives
-    result = {"case": case.record["case"], "prediction": str(case.target), "shape": list(labels.shape)}
+    result: dict[str, Any] = {"case": case.record["case"], "shape": list(labels.shape)}
     if options.output_format != "dicom_seg":
         write_nifti_atomic(labels, reference, case.target)
+        result["prediction"] = str(case.target)  # label files only: what medseg.evaluate and the notebook read
     if options.output_format != "nifti":
         seg_path = options.output / f"{strip_nifti_suffix(case.target.name)}{SEG_SUFFIX}"
         values = masks if options.seg_type == "binary" else probs[len(probs) - len(spec.names):].numpy()  # (R, X, Y, Z): the classes' (softmax) or regions'
         write_segmentation(seg_path, values, reference, case.record["dicom"][0], spec.names, options.algorithm, options.seg_type)
         result["dicom_seg"] = str(seg_path)
-        if options.output_format == "dicom_seg":
-            result["prediction"] = str(seg_path)
     if options.lesion_score is not None:
         table = options.output / LESION_DIR / f"{strip_nifti_suffix(case.target.name)}.csv"
         label_file = options.reference_labels.get(str(case.record["case"]))
@@ -588,6 +587,9 @@ def _outcome(record: CaseRecord, stage: Future) -> dict[str, Any]:
         return stage.result()
     except Exception as err:  # one unreadable case must not stop the others; it is reported instead
         message = _root_cause(err)
+        if record.get("dicom"):  # its series' NIfTI copies, if it got as far as writing them
+            for staged in record["image"]:
+                Path(staged).unlink(missing_ok=True)
         unreadable = None if record.get("dicom") else _unreadable_file(record["image"])
         message = f"{unreadable}: {message}" if unreadable else message
         log.error("case %s failed: %s", record["case"], message)
@@ -619,6 +621,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     output_format, seg_type = str(cfg.get("output_format") or "nifti"), str(cfg.get("dicom_seg_type") or "binary")
     if output_format not in OUTPUT_FORMATS or seg_type not in SEG_TYPES:
         raise ConfigError(f"expected output_format one of {list(OUTPUT_FORMATS)} and dicom_seg_type one of {list(SEG_TYPES)}, got {output_format!r} and {seg_type!r}")
+    if output_format != "nifti" and not (isinstance(cfg.input, str) and is_dicom_folder(Path(cfg.input).expanduser())):
+        raise ConfigError(f"output_format={output_format} writes DICOM SEG objects referencing the input's DICOM series; input {cfg.input} is not a folder of DICOM series (use output_format=nifti)")
     device = _device(str(cfg.device))
     inferer = OmegaConf.to_container(cfg.inferer, resolve=True) if cfg.get("inferer") else None
     backend = str(cfg.get("backend") or "torch")
@@ -632,8 +636,6 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     staging = tempfile.TemporaryDirectory(prefix="medseg-dicom-")  # DICOM cases' channels as NIfTI, while predicted
     with staging:
         cases, input_folders, enclosing_root, skipped = input_cases(cfg, source, data_cfg, staging.name)
-        if output_format != "nifti" and not all(c.get("dicom") for c in cases):
-            raise ConfigError(f"output_format={output_format} writes DICOM SEG objects referencing the input's DICOM series; input {cfg.input} is not a folder of DICOM series (use output_format=nifti)")
         return _predict_cases(cfg, model, train_cfg, device, source, cases, input_folders, enclosing_root, skipped, output_format, seg_type)
 
 
@@ -710,7 +712,7 @@ def _predict_cases(cfg: DictConfig, model: Any, train_cfg: DictConfig, device: t
                     **({"backend": str(cfg.backend)} if cfg.get("backend", "torch") != "torch" else {}),
                     "inferer": {k: v for k, v in dict(model.inferer).items() if k not in ("device", "sw_device")}},
     }  # fmt: skip
-    inputs = {str(c["case"]): [str(f) for f in c.get("source") or c["image"]] for c in cases}  # DICOM: dicom:<SeriesInstanceUID> per channel
+    inputs = {str(c["case"]): [str(f) for f in c.get("source") or c["image"]] for c in cases}  # DICOM: dicom:<SeriesInstanceUID> (<n> files) per channel
     finished = resume_or_refuse(output, made_by, inputs, bool(cfg.get("overwrite", False)), options.save_probabilities)
     summary = {**made_by, "input": OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input), "device": str(device), "complete": False, "failed": 0,
                **({"skipped": skipped} if skipped else {}), "cases": []}  # fmt: skip
@@ -726,11 +728,15 @@ def _predict_cases(cfg: DictConfig, model: Any, train_cfg: DictConfig, device: t
         write_json_atomic(output / SUMMARY_NAME, {**summary, "complete": complete, "failed": sum("error" in r for r in entries), "cases": entries})
 
     with logging_redirect_tqdm(loggers=[log]):
-        progress = tqdm(predict_cases(todo, model, transform, spec, options, cfg.prefetch), total=len(todo), desc="predict", unit="case", dynamic_ncols=True)
-        for result in progress:
-            results[str(result["case"])] = {**result, "image": inputs[str(result["case"])]}
-            record(complete=False)
-            progress.set_postfix(failed=sum("error" in r for r in results.values()))
+        pipeline = predict_cases(todo, model, transform, spec, options, cfg.prefetch)
+        progress = tqdm(pipeline, total=len(todo), desc="predict", unit="case", dynamic_ncols=True)
+        try:
+            for result in progress:
+                results[str(result["case"])] = {**result, "image": inputs[str(result["case"])]}
+                record(complete=False)
+                progress.set_postfix(failed=sum("error" in r for r in results.values()))
+        finally:  # its worker threads stopped now, before the DICOM staging folder goes
+            pipeline.close()
     record(complete=True)
     ordered = [results[str(c["case"])] for c in cases]
     failed = sum("error" in r for r in ordered)
@@ -740,20 +746,21 @@ def _predict_cases(cfg: DictConfig, model: Any, train_cfg: DictConfig, device: t
 
 def model_algorithm(ckpt_path: Any) -> Algorithm:
     """The model as a DICOM SEG names its maker: the name of what ``ckpt_path`` names (a model zip's name, ``<task>_<run>``
-    of a run or cross-validation folder, a checkpoint file's name), medseg's version, and the SHA-256 of its checkpoint
-    files (in order)."""
-    paths = resolve_checkpoints(ckpt_path)
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    from medseg.model_package import MANIFEST, default_name, source_folder
+    of a run or cross-validation folder, a checkpoint file's name), medseg's version, and the SHA-256 of the model file
+    (the zip, the checkpoint or ``.onnx`` file; for several checkpoints, of their SHA-256s in order)."""
+    from medseg.model_package import MANIFEST, default_name, sha256_file, source_folder
 
+    paths = resolve_checkpoints(ckpt_path)
     first = str(ckpt_path[0] if isinstance(ckpt_path, (list, ListConfig)) else ckpt_path)
     manifest = paths[0].parent.parent / MANIFEST  # a model zip's, unpacked
-    name = json.loads(manifest.read_text())["name"] if first.endswith(".zip") and manifest.is_file() else default_name(source_folder(first, paths), paths)
-    return Algorithm(name=name or "medseg model", version=__version__, checksum=f"sha256:{digest.hexdigest()}")
+    if first.endswith(".zip") and manifest.is_file():
+        name, files = json.loads(manifest.read_text())["name"], [Path(first).expanduser()]
+    else:
+        name, files = default_name(source_folder(first, paths), paths), paths
+    # The file a user can check (sha256sum): the zip, the checkpoint or .onnx file; several: the digest of their digests.
+    digests = [sha256_file(f) for f in files]
+    checksum = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+    return Algorithm(name=name or "medseg model", version=__version__, checksum=f"sha256:{checksum}")
 
 
 def lesion_score(cfg: DictConfig, point: OperatingPoint) -> str | None:
@@ -782,7 +789,7 @@ def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, li
     if not output.is_dir():
         return {}
     if not record_path.is_file():
-        unknown = sorted(p.name for p in output.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+        unknown = sorted(p.name for p in output.iterdir() if p.is_file() and p.name.endswith((*NIFTI_SUFFIXES, SEG_SUFFIX)) and not p.name.startswith("."))
         if unknown and not overwrite:
             raise ConfigError(f"output {output} already holds {len(unknown)} NIfTI file(s) ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) and no {SUMMARY_NAME} saying what made them: choose another output folder, or overwrite=true to replace those of the same names")
         return {}
@@ -803,7 +810,7 @@ def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, li
         return {}
     done = {}
     for entry in entries:  # kept: cases predicted from the same image files, whose files are all there
-        files = [entry.get("prediction"), *([entry.get("probabilities")] if save_probabilities else [])]
+        files = [entry.get("prediction") or entry.get("dicom_seg"), *([entry["dicom_seg"]] if "dicom_seg" in entry else []), *([entry.get("probabilities")] if save_probabilities else [])]
         if "error" not in entry and all(f and Path(f).is_file() for f in files) and entry.get("image") == inputs.get(str(entry["case"])):
             done[str(entry["case"])] = entry
     return done

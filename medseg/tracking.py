@@ -141,14 +141,17 @@ def log_final_report(trainer: Any, out_dir: str | Path, metrics: Mapping[str, An
     out = Path(out_dir)
     files = [out / name for name in REPORT_FILES if (out / name).is_file() and (out / name).stat().st_size <= MAX_ARTIFACT_BYTES]
     for logger in trainer.loggers:
-        logger.log_metrics(values, step=trainer.global_step)
-        logger.save()  # the CSV logger writes its buffered rows now
-        if isinstance(logger, MLFlowLogger):
-            for path in files:
-                folder = path.parent.relative_to(out).as_posix()
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=None if folder == "." else folder)
-        elif isinstance(logger, WandbLogger):
-            run = logger.experiment
-            for path in files:
-                run.save(str(path), base_path=str(out), policy="now")
-            run.finish()
+        try:
+            logger.log_metrics(values, step=trainer.global_step)
+            logger.save()  # the CSV logger writes its buffered rows now
+            if isinstance(logger, MLFlowLogger):
+                for path in files:
+                    folder = path.parent.relative_to(out).as_posix()
+                    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=None if folder == "." else folder)
+            elif isinstance(logger, WandbLogger):
+                run = logger.experiment
+                for path in files:
+                    run.save(str(path), base_path=str(out), policy="now")
+                run.finish()
+        except Exception as err:  # a tracker server or network failing now must not fail a run whose results are saved
+            log.warning("%s: the final report did not reach it (%s: %s); the run folder %s holds it", type(logger).__name__, type(err).__name__, err, out)

@@ -125,7 +125,7 @@ def test_oblique_mr_series_reads_back_whatever_the_file_order(tmp_path, seed):
         (lambda folder: write_series(mr_volume(), folder, "MR", positions=[k for k in range(16) if k not in (5, 6)]), "2 slice(s) missing"),
         (lambda folder: write_series(mr_volume(), folder, "MR", affine=np.diag([1.0, 1.0, 2.0, 1.0]), positions=[0, 1, 2, 3, 4, 5]) and _shift_slice(folder, 0.7), "unevenly spaced slices"),
         (lambda folder: _two_orientations(folder), "mixed orientations"),
-        (lambda folder: _duplicate_positions(folder), "share a position"),
+        (lambda folder: _duplicate_positions(folder), "16 positions for 32 slices"),
         (lambda folder: write_series(mr_volume(), folder, "MR", positions=[3]), "a single slice"),
         (lambda folder: write_series(mr_volume(), folder, "MR", transfer_syntax=undecodable_syntax()), "which no installed decoder reads"),
         (lambda folder: write_series(mr_volume(), folder, "MR") and _set_all(folder, SamplesPerPixel=3, PhotometricInterpretation="RGB"), "colour pixels"),
@@ -182,7 +182,7 @@ def test_folder_scan_separates_series_and_skips_non_images(tmp_path):
     found = find_series(tmp_path / "mixed")
     assert [(s.uid, s.image) for s in found] == sorted([(a["series_uid"], True), (b["series_uid"], True), (found[-1].uid, False)], key=lambda x: not x[1])
     cases, skipped = dicom_cases(tmp_path / "mixed", tmp_path / "staging", in_channels=1)
-    assert [c["source"] for c in cases] == [[f"dicom:{a['series_uid']}"], [f"dicom:{b['series_uid']}"]]
+    assert [c["source"] for c in cases] == [[f"dicom:{a['series_uid']} (16 files)"], [f"dicom:{b['series_uid']} (16 files)"]]
     assert not any("problem" in c for c in cases)
     assert len(skipped) == 1 and "Comprehensive SR" in skipped[0]["reason"] and skipped[0]["series"] in skipped[0]["reason"]
 
@@ -218,7 +218,7 @@ def test_predict_dicom_folder_writes_nifti_and_seg_that_agree_and_refuses_broken
 
     assert run_main(f"ckpt_path={softmax_checkpoint}", f"input={root}", f"output={tmp_path / 'out'}", "output_format=both") == 1
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    by_series = {c["image"][0].removeprefix("dicom:"): c for c in record["cases"]}
+    by_series = {c["image"][0].removeprefix("dicom:").split()[0]: c for c in record["cases"]}
     assert set(by_series) == {good["series_uid"], oblique["series_uid"], missing["series_uid"], jpeg["series_uid"]}
     assert "slice(s) missing" in by_series[missing["series_uid"]]["error"] and missing["series_uid"] in by_series[missing["series_uid"]]["error"]
     assert "no installed decoder" in by_series[jpeg["series_uid"]]["error"] and jpeg["series_uid"] in by_series[jpeg["series_uid"]]["error"]
@@ -250,7 +250,7 @@ def test_predict_dicom_folder_writes_nifti_and_seg_that_agree_and_refuses_broken
 def test_fractional_seg_holds_the_probabilities(tmp_path, softmax_checkpoint, threshold_network):
     source = write_series(mr_volume(), tmp_path / "dicom", "MR", affine=oblique_affine())
     (result,) = predict(predict_config(softmax_checkpoint, tmp_path / "dicom", tmp_path / "out", "output_format=dicom_seg", "dicom_seg_type=fractional", "save_probabilities=true"))
-    assert result["prediction"] == result["dicom_seg"] and not list((tmp_path / "out").glob("*.nii.gz"))
+    assert "prediction" not in result and Path(result["dicom_seg"]).is_file() and not list((tmp_path / "out").glob("*.nii.gz"))
     probabilities = nib.load(result["probabilities"])  # (X, Y, Z, 3) on the input's grid
     fractions = read_segmentation(result["dicom_seg"], probabilities)  # (2, X, Y, Z)
     np.testing.assert_allclose(fractions, np.moveaxis(np.asarray(probabilities.dataobj)[..., 1:], -1, 0), atol=0.5 / 255 + 1e-6)
@@ -413,9 +413,12 @@ def test_channels_on_other_grids_are_resampled_in_patient_space(tmp_path):
     assert staged_t1.shape == staged_flair.shape and np.allclose(staged_t1.affine, staged_flair.affine)
     expected = field(staged_flair.shape, staged_flair.affine)
     values = np.asarray(staged_t1.dataobj)
-    inside = values != 0  # the voxels of the flair grid that the t1 field of view covers
-    assert inside.mean() > 0.3
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in staged_flair.shape), indexing="ij"), -1).reshape(-1, 3)
+    in_t1 = np.linalg.solve(grid_b, np.c_[ijk @ staged_flair.affine[:3, :3].T + staged_flair.affine[:3, 3], np.ones(len(ijk))].T)[:3].T  # t1 voxel coordinates
+    inside = np.all((in_t1 > 1e-3) & (in_t1 < np.array([29, 27, 25]) - 1e-3), axis=1).reshape(staged_flair.shape)  # the t1 field of view
+    assert 0.3 < inside.mean() < 1
     np.testing.assert_allclose(values[inside], expected[inside], atol=0.51)  # the series stores rounded integers
+    np.testing.assert_array_equal(values[~inside & (np.abs(values - t1["values"].min()) > 1e-3)], [])  # outside: the t1's lowest value
     other = write_series(field((30, 28, 26), grid_b), tmp_path / "other" / "t1", "MR", affine=grid_b, description="t1", series_number=2, study_uid=flair["study_uid"])
     shutil.copytree(tmp_path / "dicom" / "flair", tmp_path / "other" / "flair")
     (case,), _ = dicom_cases(tmp_path / "other", tmp_path / "staging2", 2, ["flair", "t1"], {"flair": "flair", "t1": "t1"})

@@ -78,6 +78,8 @@ def test_zip_holds_what_prediction_needs_and_no_machine_path(model_zip, trained_
         texts = {n: zf.read(n).decode() for n in names if n.endswith((".json", ".yaml", ".md", ".csv"))}
         checkpoint = torch.load(__import__("io").BytesIO(zf.read("checkpoints/0.ckpt")), weights_only=True)
     assert {MANIFEST, CARD, "config.yaml", "operating_point.json", "labels.json", "preprocessing.json", "checkpoints/0.ckpt", "report/metrics.json"} <= names
+    assert not [n for n in names if n.endswith(("evaluation.csv", "splits.json", "dice_per_case.png"))]  # case ids stay home (case_reports=false)
+    assert checkpoint["medseg_operating_point"]["tuned_on"] in ("", "0.ckpt")  # tuned on these weights (renamed in the zip)
     assert set(checkpoint) == {"state_dict", "medseg_config", "medseg_operating_point"}  # no optimizer state, no callbacks
     machine = [str(trained_run.parent), str(brats_tree), os.getcwd(), str(Path.home())]
     for name, text in {**texts, "checkpoints/0.ckpt config": json.dumps(checkpoint["medseg_config"])}.items():
@@ -117,9 +119,12 @@ def test_prediction_from_the_zip_in_a_fresh_folder_equals_the_source_run(model_z
     finally:
         moved.rename(trained_run)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "carries the operating point" not in done.stdout + done.stderr  # the zip's point belongs to its weights
     (entry,) = json.loads((fresh / "predictions" / "predictions.json").read_text())["cases"]
     np.testing.assert_array_equal(np.asarray(nib.load(entry["prediction"]).dataobj), np.asarray(nib.load(reference["prediction"]).dataobj))
-    assert list((fresh / "cache" / "models").iterdir())[0].name.startswith("model-")
+    from medseg.model_package import sha256_file
+
+    assert [p.name for p in (fresh / "cache" / "models").iterdir()] == [sha256_file(model_zip)[:16]]  # unpacked once, named by its checksum
 
 
 def test_damaged_zip_and_bad_requests_are_refused(model_zip, trained_run, tmp_path, monkeypatch):
@@ -131,7 +136,7 @@ def test_damaged_zip_and_bad_requests_are_refused(model_zip, trained_run, tmp_pa
             target.writestr(item, data + b"x" if item.filename == "labels.json" else data)
     with pytest.raises(ConfigError, match="differ from the manifest"):
         installed_checkpoints(damaged)
-    assert not (tmp_path / "cache" / "models" / "damaged").exists() and not any(p.name.startswith("damaged-") for p in (tmp_path / "cache" / "models").iterdir())
+    assert not any((tmp_path / "cache" / "models").iterdir())  # nothing left of the refused zip
     with pytest.raises(ConfigError, match="exists"):
         export(compose_export(f"ckpt_path={trained_run}", f"output={model_zip}"))
     with pytest.raises(ConfigError, match="<name>.zip"):
@@ -222,3 +227,14 @@ def test_cross_validation_zip_is_an_ensemble_also_under_onnxruntime(trained_run,
     assert np.abs(probs[2] - probs[0]).max() <= PROBABILITY_TOLERANCE
     single = predict(predict_config(cv / "fold_0" / "checkpoints" / "last.ckpt", case, tmp_path / "fold0", "save_probabilities=true"))[0]
     assert np.abs(np.asarray(nib.load(single["probabilities"]).dataobj) - probs[0]).max() > 1e-4  # the ensemble averages two different folds
+
+
+def test_a_point_tuned_on_the_exported_checkpoint_follows_it_into_the_zip(tmp_path):
+    from medseg.model_package import portable_checkpoint
+
+    state = {"w": torch.zeros(2)}
+    for tuned_on, expected in (("epoch012-dice0.81.ckpt", "0.ckpt"), ("crossval", "crossval"), ("last.ckpt", "last.ckpt"), ("", "")):
+        path = tmp_path / "epoch012-dice0.81.ckpt"
+        torch.save({"state_dict": state, "medseg_config": {"data": {"root": "/data/x"}}, "medseg_operating_point": {"tuned_on": tuned_on}, "optimizer_states": [1]}, path)
+        kept = portable_checkpoint(path, "0.ckpt")
+        assert kept["medseg_operating_point"]["tuned_on"] == expected and kept["medseg_config"]["data"]["root"] is None and "optimizer_states" not in kept

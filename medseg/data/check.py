@@ -487,6 +487,8 @@ def check_dicom_folder(root: str | Path) -> DataCheckReport:
         found = find_series(root)
     except DicomSeriesError as err:
         raise DatasetError(str(err)) from err
+    except ImportError as err:  # the dicom extra is not installed
+        raise ConfigError(str(err)) from err
     report = DataCheckReport(layout="dicom", root=str(root), cases=sum(s.image for s in found), files=sum(len(s.files) for s in found))
     report.files_read = report.files
     for series in found:

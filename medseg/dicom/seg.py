@@ -2,7 +2,9 @@
 
 One SEG per case (:func:`write_segmentation`): one segment per label name of the model (its regions, e.g. BraTS
 WT/TC/ET, which overlap, or its classes), on the source series' own grid (each frame refers to the source instance
-at its position), with the algorithm identification (medseg's version, the model's name and checksum). ``BINARY``
+at its position; frames where no segment has a voxel are left out), with the algorithm identification (medseg's
+version, the model's name and checksum). Segments are coded generically (SNOMED CT "Tissue" as category and type):
+medseg's label configs name regions and classes, not their clinical codes; the label is the segment's name. ``BINARY``
 holds the final masks (after the operating point: the NIfTI prediction's labels, segment by segment);
 ``FRACTIONAL`` holds each region's or class's probability (``PROBABILITY``, 8 bits).
 """
@@ -69,8 +71,8 @@ def write_segmentation(path: str | os.PathLike, masks: np.ndarray, nifti_image, 
     )  # fmt: skip
     segments = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=str(name), segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification,
+            segment_number=number, segment_label=str(name), segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=identification,
         )
         for number, name in enumerate(names, start=1)
     ]  # fmt: skip
@@ -86,7 +88,7 @@ def write_segmentation(path: str | os.PathLike, masks: np.ndarray, nifti_image, 
         manufacturer="medseg", manufacturer_model_name=algorithm.name[:64], software_versions=algorithm.version,
         device_serial_number=algorithm.checksum.split(":")[-1][:16], content_label="MEDSEG",
         content_description=f"medseg {algorithm.name}"[:64], series_description=f"medseg {algorithm.name}"[:64],
-        max_fractional_value=255, omit_empty_frames=False,
+        max_fractional_value=255, omit_empty_frames=True,  # frames without any segment left out (every instance still referenced)
     )  # fmt: skip
     with atomic_path(path, keep_suffix=True) as tmp:
         seg.save_as(tmp)

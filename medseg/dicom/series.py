@@ -26,11 +26,12 @@ axial FLAIR), are resampled onto it (trilinear, in patient coordinates).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,7 @@ SPACING_TOLERANCE = 0.01  # relative: slice spacings may differ by 1% (rounded p
 _HEADER_TAGS = (
     "SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "StudyDate", "Modality", "SeriesNumber",
     "SeriesDescription", "Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient",
-    "NumberOfFrames", "InstanceNumber", "ImageType", "FrameOfReferenceUID",
+    "NumberOfFrames", "InstanceNumber", "ImageType", "FrameOfReferenceUID", "SOPInstanceUID",
 )  # fmt: skip
 
 
@@ -106,7 +107,7 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
         if file.name.endswith((".nii", ".nii.gz")):
             return False
         found = found or _looks_like_dicom(file)
-    return found
+    return found  # every file looked at: a NIfTI file anywhere makes it a NIfTI dataset
 
 
 def find_series(folder: str | os.PathLike) -> list[DicomSeries]:
@@ -126,19 +127,30 @@ def find_series(folder: str | os.PathLike) -> list[DicomSeries]:
         try:
             ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
         except Exception as err:  # not DICOM after all, or truncated: named, not fatal for the others
-            log.warning("%s: not a readable DICOM file (%s: %s); ignored", file, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            log.warning("%s: not a readable DICOM file (%s: %s); ignored", file, type(err).__name__, _first_line(err))
             continue
         uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {file})"
         by_series[uid].append((str(file), ds))
+    duplicates = 0
+    for uid, members in by_series.items():  # copies of one instance (a CD export's duplicates): the first file kept
+        members.sort(key=lambda m: m[0])
+        kept: dict[str, tuple[str, Any]] = {}
+        for member in members:
+            kept.setdefault(str(member[1].get("SOPInstanceUID", "")) or member[0], member)
+        duplicates += len(members) - len(kept)
+        by_series[uid] = list(kept.values())
+    if duplicates:
+        log.warning("%s: %d file(s) repeat an instance (same SOPInstanceUID) of another file; each instance read once", folder, duplicates)
     if not by_series:
         raise DicomSeriesError(f"{folder}: no DICOM file found (looked for files with the DICM preamble or a .dcm suffix)")
     found = []
     for uid, members in by_series.items():
-        members.sort(key=lambda m: m[0])
         first = members[0][1]
         sop_class = str(first.get("SOPClassUID", ""))
-        image = sop_class not in SEGMENTATION_CLASSES and all(_is_image(ds) for _, ds in members)
-        localizer = image and all("LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])] for _, ds in members)
+        # An image series when any instance is an image: a stray non-image instance then fails the case by name
+        # (series_problems) instead of hiding the series among the skipped objects.
+        image = sop_class not in SEGMENTATION_CLASSES and any(_is_image(ds) for _, ds in members)
+        localizer = image and all(_is_localizer(ds) for _, ds in members)
         number = first.get("SeriesNumber")
         found.append(DicomSeries(
             uid=uid, files=tuple(f for f, _ in members), sop_class=sop_class, modality=str(first.get("Modality", "")),
@@ -167,15 +179,25 @@ def series_problems(series: DicomSeries, datasets: Sequence[Any] | None = None) 
         datasets: its instances' headers (read from ``series.files`` when ``None``).
 
     Returns:
-        One message per problem, each naming the series.
+        One message per problem, each naming the series; headers too broken to check (an unreadable file, a
+        malformed value) are a problem too, never an exception that would stop the other series.
     """
     require_dicom()
     import pydicom
+
+    try:
+        if datasets is None:
+            datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+        return _header_problems(series.describe(), datasets)
+    except Exception as err:  # a malformed header value: this series' problem, not the run's
+        return [f"{series.describe()}: headers that cannot be checked ({type(err).__name__}: {_first_line(err)})"]
+
+
+def _header_problems(name: str, datasets: Sequence[Any]) -> list[str]:
+    """:func:`series_problems` of the headers ``datasets`` of the series called ``name``."""
+    import pydicom
     from pydicom.pixels import get_decoder
 
-    name = series.describe()
-    if datasets is None:
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
     problems = []
     syntaxes = {str(ds.file_meta.TransferSyntaxUID) for ds in datasets if "TransferSyntaxUID" in getattr(ds, "file_meta", {})}
     for syntax in sorted(syntaxes):
@@ -193,8 +215,14 @@ def series_problems(series: DicomSeries, datasets: Sequence[Any] | None = None) 
         problems.append(f"{name}: colour pixels ({max(samples)} samples per pixel: a screen capture or a rendering?); a scan volume has one")
     if len({str(ds.SOPClassUID) for ds in datasets if "SOPClassUID" in ds}) > 1:
         problems.append(f"{name}: its instances are of {len({str(ds.SOPClassUID) for ds in datasets})} different SOP classes")
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+    not_images = sum(not _is_image(ds) for ds in datasets)
+    if not_images:
+        return [*problems, f"{name}: {not_images} of its {len(datasets)} instances carry no image geometry (ImagePositionPatient, ImageOrientationPatient): not one volume"]
+    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets]
+    if len(datasets) == 1 and frames[0] > 1:
         return problems  # one multi-frame instance: its frames' geometry is checked by highdicom when read
+    if max(frames) > 1:
+        return [*problems, f"{name}: {sum(f > 1 for f in frames)} multi-frame instances in one series (echoes, time points or diffusion directions?); a volume is one multi-frame instance or single-frame slices"]
     if len(datasets) < 2:
         return [*problems, f"{name}: a single slice; a 3D volume needs at least 2"]
     grids = {(int(ds.Rows), int(ds.Columns), *np.round(np.asarray(ds.get("PixelSpacing", [0, 0]), dtype=float), 4)) for ds in datasets}
@@ -209,7 +237,7 @@ def series_problems(series: DicomSeries, datasets: Sequence[Any] | None = None) 
     steps = np.diff(positions)  # (N - 1,)
     repeated = int((steps < GEOMETRY_TOLERANCE_MM).sum())
     if repeated:
-        return [*problems, f"{name}: {repeated + 1 if repeated == 1 else repeated} slices share a position with another (several acquisitions, echoes or time points in one series?); a volume needs one slice per position"]
+        return [*problems, f"{name}: {len(positions) - repeated} positions for {len(positions)} slices (several acquisitions, echoes or time points in one series?); a volume needs one slice per position"]
     spacing = float(np.median(steps))
     if steps.max() - steps.min() > max(GEOMETRY_TOLERANCE_MM, SPACING_TOLERANCE * spacing):
         gaps = [i for i, step in enumerate(steps) if step > spacing * (1 + SPACING_TOLERANCE)]
@@ -251,7 +279,7 @@ def read_series(series: DicomSeries) -> highdicom.Volume:
             # a display (VOI) window: the values dcm2niix writes, which a model trained on converted NIfTI has seen.
             volume = hd.get_volume_from_series(datasets, dtype=np.float32, apply_real_world_transform=False, apply_voi_transform=False)
     except Exception as err:  # highdicom's own geometry and pixel checks
-        raise DicomSeriesError(f"{series.describe()}: cannot be read as a volume ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+        raise DicomSeriesError(f"{series.describe()}: cannot be read as a volume ({type(err).__name__}: {_first_line(err)})") from err
     return volume
 
 
@@ -271,7 +299,10 @@ def from_nifti_grid(array: np.ndarray, image: nib.Nifti1Image) -> highdicom.Volu
 
     volume = hd.Volume.from_nibabel(image.__class__(np.zeros(image.shape[:3], dtype=np.uint8), image.affine), coordinate_system="PATIENT")
     volume = volume.permute_spatial_axes([2, 1, 0])  # (slice, row, column), the source's
-    return volume.with_array(np.ascontiguousarray(np.moveaxis(array, (0, 1, 2), (2, 1, 0)))) if array.ndim == 3 else volume.with_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0, 3))), channels={"SegmentNumber": list(range(1, array.shape[3] + 1))})
+    if array.ndim == 3:
+        return volume.with_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    segments = {"SegmentNumber": list(range(1, array.shape[3] + 1))}  # the last axis: one channel per segment
+    return volume.with_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0, 3))), channels=segments)
 
 
 def dicom_cases(folder: str | os.PathLike, staging: str | os.PathLike, in_channels: int | None, modalities: Sequence[str] = (), channels: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -287,7 +318,8 @@ def dicom_cases(folder: str | os.PathLike, staging: str | os.PathLike, in_channe
 
     Returns:
         Case records ``{"case", "image": [staged NIfTI file per channel], "label": None, "dicom": [DicomSeries per
-        channel], "source": ["dicom:<SeriesInstanceUID>" per channel]}``, with ``"problem"`` (a message naming the
+        channel], "source": ["dicom:<SeriesInstanceUID> (<n> files)" per channel]}`` (the file count: a series
+        completed since an earlier run is predicted again), with ``"problem"`` (a message naming the
         series or study) for a case that cannot be read, and ``{"series", "reason"}`` of each non-image object.
 
     Raises:
@@ -324,12 +356,14 @@ def dicom_cases(folder: str | os.PathLike, staging: str | os.PathLike, in_channe
                                f"(dicom_channels.{name}={pattern!r}); {'matching' if hits else 'its'} series: {listed}")
                     break
                 chosen.append(hits[0])
+            if problem is None and len({s.uid for s in chosen}) < len(chosen):
+                problem = f"study {study} (patient {members[0].patient_id}): one series matches several channels ({', '.join(f'{n}: {s.description!r}' for n, s in zip(names, chosen))}); make the dicom_channels patterns distinct"
             groups.append((_case_stem(members[0], single=False), chosen if problem is None else members, problem))
     cases = []
     stems = [stem for stem, _, _ in groups]
     for (stem, series, problem) in groups:
-        case = stem if stems.count(stem) == 1 else f"{stem}_{series[0].uid.split('.')[-1][-8:]}"
-        record: dict[str, Any] = {"case": case, "image": [str(Path(staging) / f"{case}_{i:04d}.nii") for i in range(len(series))], "label": None, "dicom": series, "source": [f"dicom:{s.uid}" for s in series]}
+        case = stem if stems.count(stem) == 1 else f"{stem}_{_uid_tag(series[0].uid)}"
+        record: dict[str, Any] = {"case": case, "image": [str(Path(staging) / f"{case}_{i:04d}.nii") for i in range(len(series))], "label": None, "dicom": series, "source": [f"dicom:{s.uid} ({len(s.files)} files)" for s in series]}
         if problem is None:
             issues = [p for s in series for p in series_problems(s)]
             problem = "; ".join(issues) or None
@@ -367,36 +401,55 @@ def stage_case(record: Mapping[str, Any]) -> None:
 
 
 def resample_to(image: nib.Nifti1Image, reference: nib.Nifti1Image) -> nib.Nifti1Image:
-    """``image`` resampled (trilinear; 0 outside its field of view) onto ``reference``'s grid, through the patient
+    """``image`` resampled (trilinear; its minimum outside its field of view) onto ``reference``'s grid, through the patient
     coordinates both share (one FrameOfReferenceUID: the scanner's, while the patient did not move)."""
     from nibabel.processing import resample_from_to
 
-    return resample_from_to(image, (reference.shape[:3], reference.affine), order=1, mode="constant", cval=0.0)
+    background = float(np.min(np.asarray(image.dataobj)))  # outside its field of view: its lowest value (CT air, MR 0)
+    return resample_from_to(image, (reference.shape[:3], reference.affine), order=1, mode="constant", cval=background)
 
 
 def _case_stem(series: DicomSeries, single: bool) -> str:
     """A readable case id: ``<PatientID>_<StudyDate>[_S<SeriesNumber>]``, file-name safe."""
-    parts = [series.patient_id or "patient", series.study_date or series.study_uid.split(".")[-1][-8:]]
+    parts = [series.patient_id or "patient", series.study_date or _uid_tag(series.study_uid)]
     if single:
-        parts.append(f"S{series.series_number}" if series.series_number is not None else series.uid.split(".")[-1][-8:])
+        parts.append(f"S{series.series_number}" if series.series_number is not None else _uid_tag(series.uid))
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-")
 
 
 def _is_image(ds: Any) -> bool:
     """An instance with a pixel grid placed in patient space: single-frame (ImagePositionPatient and
-    ImageOrientationPatient) or multi-frame (NumberOfFrames > 1: the enhanced objects keep them per frame)."""
-    if "Rows" not in ds or "Columns" not in ds:
+    ImageOrientationPatient, both with values) or multi-frame in a frame of reference (enhanced CT / MR / PET keep
+    the positions per frame; cine ultrasound and angiography, without a FrameOfReferenceUID, are no volumes)."""
+    if not ds.get("Rows") or not ds.get("Columns"):
         return False
-    return ("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds) or int(ds.get("NumberOfFrames", 1) or 1) > 1
+    if ds.get("ImagePositionPatient") and ds.get("ImageOrientationPatient"):
+        return len(ds.ImagePositionPatient) == 3 and len(ds.ImageOrientationPatient) == 6
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 and bool(ds.get("FrameOfReferenceUID"))
 
 
-def _files(folder: Path) -> list[Path]:
-    """The files under ``folder`` (recursively), hidden ones and ``DICOMDIR`` excluded, sorted."""
-    out = []
+def _is_localizer(ds: Any) -> bool:
+    """ImageType says LOCALIZER (a one-value ImageType is a string, not a list)."""
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return "LOCALIZER" in (str(v).strip().upper() for v in values)
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _uid_tag(uid: str) -> str:
+    """Eight hex digits of a UID's hash: a short, file-name safe tag that differs between UIDs (their last digits
+    often do not: Siemens series end in .0.0.0)."""
+    return hashlib.sha1(uid.encode()).hexdigest()[:8]
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    """The files under ``folder`` (recursively, folder by folder in name order), hidden ones and ``DICOMDIR`` excluded."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and f.upper() != "DICOMDIR")
-    return out
+        yield from (Path(root) / f for f in sorted(files) if not f.startswith(".") and f.upper() != "DICOMDIR")
 
 
 def _looks_like_dicom(path: Path) -> bool:
