@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from medseg import __version__
 from medseg.config import ConfigError
 from medseg.io import atomic_path
+from medseg.report import CASE_REPORT_FILES, REPORT_FILES
 
 MANIFEST = "medseg_model.json"
 FORMAT_VERSION = 1
@@ -50,13 +51,6 @@ CARD = "MODEL_CARD.md"
 CHECKPOINT_DIR = "checkpoints"
 ONNX_DIR = "onnx"
 REPORT_DIR = "report"
-# Report files of a run or cross-validation folder, copied when present (JSON files with their machine paths removed).
-REPORT_FILES = (
-    "metrics.json", "crossval.json", "operating_point.json", "operating_point_sweep.csv", "operating_point_sweep.png",
-    "validation/evaluation/summary.json", "validation/evaluation/recall_by_lesion_size.png", "oof/evaluation/summary.json", "oof/evaluation/recall_by_lesion_size.png",
-)  # fmt: skip
-# Report files naming the cases (their ids may identify patients): only with case_reports=true.
-CASE_REPORT_FILES = ("splits.json", "validation/evaluation/evaluation.csv", "validation/evaluation/dice_per_case.png", "oof/evaluation/evaluation.csv", "oof/evaluation/dice_per_case.png")
 _PATH_PREFIXES = ("/", "~", "./", "../", "\\\\")
 
 

@@ -9,6 +9,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+# The report files of a run or cross-validation folder, relative to it (those a run lacks are skipped by their readers):
+# summaries and pictures of the evaluation, and the files that name the cases (ids of clinical data may identify
+# patients). The model zip ships the first (the second on request), the experiment tracker both.
+REPORT_FILES = (
+    "metrics.json", "crossval.json", "operating_point.json", "operating_point_sweep.csv", "operating_point_sweep.png",
+    "validation/evaluation/summary.json", "validation/evaluation/recall_by_lesion_size.png", "oof/evaluation/summary.json", "oof/evaluation/recall_by_lesion_size.png",
+)  # fmt: skip
+CASE_REPORT_FILES = ("splits.json", "validation/evaluation/evaluation.csv", "validation/evaluation/dice_per_case.png", "oof/evaluation/evaluation.csv", "oof/evaluation/dice_per_case.png")
 # Width of the table when output is not a terminal (log files, CI): room for eight or more bucket columns.
 LOG_WIDTH = 200
 # Columns of the console table: voxel overlap scores, then lesion-wise detection (overall recall, one recall

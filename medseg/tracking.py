@@ -30,17 +30,15 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from medseg.config import ConfigError
+from medseg.report import CASE_REPORT_FILES, REPORT_FILES
 
 log = logging.getLogger("medseg")
 
 # Logger class name -> (the package it needs, its run-name argument).
 TRACKERS = {"MLFlowLogger": ("mlflow", "run_name"), "WandbLogger": ("wandb", "name")}
 INSTALL_HINT = "pip install 'medseg[tracking]'"
-# The final report's files, relative to the run folder; those absent (no sweep, no lesion metrics) are skipped.
-REPORT_FILES = (
-    "config.yaml", "metrics.json", "operating_point.json", "operating_point_sweep.csv", "operating_point_sweep.png",
-    "validation/evaluation/evaluation.csv", "validation/evaluation/dice_per_case.png", "validation/evaluation/recall_by_lesion_size.png",
-)
+# The final report's files, relative to the run folder (the tracker is the team's own: the per-case files too).
+TRACKED_FILES = ("config.yaml", *REPORT_FILES, *CASE_REPORT_FILES)
 # A per-case table of a large validation set stays in the run folder only.
 MAX_ARTIFACT_BYTES = 20 * 2**20
 
@@ -127,7 +125,7 @@ def log_config(loggers: Sequence[Logger], cfg: DictConfig) -> None:
 
 def log_final_report(trainer: Any, out_dir: str | Path, metrics: Mapping[str, Any]) -> None:
     """The final evaluation into every logger of ``trainer``: ``final_val/<metric>`` at the last step, and the report
-    files of ``out_dir`` (:data:`REPORT_FILES`, up to :data:`MAX_ARTIFACT_BYTES` each) as artifacts of an MLflow or
+    files of ``out_dir`` (:data:`TRACKED_FILES`, up to :data:`MAX_ARTIFACT_BYTES` each) as artifacts of an MLflow or
     W&B run; the W&B run is then finished (the job is over, and offline its files are complete). Rank 0 only.
 
     Args:
@@ -139,7 +137,7 @@ def log_final_report(trainer: Any, out_dir: str | Path, metrics: Mapping[str, An
 
     values = {f"{FINAL}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     out = Path(out_dir)
-    files = [out / name for name in REPORT_FILES if (out / name).is_file() and (out / name).stat().st_size <= MAX_ARTIFACT_BYTES]
+    files = [out / name for name in TRACKED_FILES if (out / name).is_file() and (out / name).stat().st_size <= MAX_ARTIFACT_BYTES]
     for logger in trainer.loggers:
         try:
             logger.log_metrics(values, step=trainer.global_step)
