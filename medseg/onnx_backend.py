@@ -233,6 +233,8 @@ class OnnxNetwork(nn.Module):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if cuda else []
             self._sessions[key] = ort.InferenceSession(str(self.path), options, providers=[*providers, "CPUExecutionProvider"])
+            if cuda:  # the CPU session __init__ read the file with holds a second copy of the weights: let it go
+                self._sessions.pop("cpu", None)
         return self._sessions[key]
 
     def forward(self, image: Tensor) -> Tensor:
