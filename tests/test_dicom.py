@@ -19,7 +19,7 @@ pytest.importorskip("highdicom", reason="the dicom extra (highdicom, pydicom) is
 import highdicom as hd  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
-from pydicom.uid import JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless  # noqa: E402
+from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless  # noqa: E402
 
 from conftest import shared_dataset  # noqa: E402
 from dicom_series import write_series, write_structured_report  # noqa: E402
@@ -80,12 +80,18 @@ def softmax_checkpoint(tmp_path_factory) -> Path:
     return untrained_checkpoint(tmp_path_factory.mktemp("hip") / "hippocampus.ckpt", "+experiment=hippocampus", "data.root=unused")
 
 
-def undecodable_syntax() -> str:
-    """A compressed transfer syntax no installed pydicom decoder reads (skip when every one is installed)."""
-    for uid in (JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, RLELossless):
-        if not get_decoder(uid).is_available:
-            return uid
-    pytest.skip("every tried JPEG/RLE decoder is installed: no compressed series left that cannot be read")
+@pytest.fixture()
+def no_jpeg_lossless_decoder(monkeypatch):
+    """pydicom as it is without python-gdcm or pylibjpeg-libjpeg: no decoder for JPEG Lossless (Process 14, SV1)."""
+    import pydicom.pixels
+
+    real = pydicom.pixels.get_decoder
+
+    class Missing:
+        is_available = False
+        missing_dependencies = ["gdcm - requires gdcm>=3.0.10", "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"]
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid, *args, **kwargs: Missing() if uid == JPEGLosslessSV1 else real(uid, *args, **kwargs))
 
 
 # Reading
@@ -127,12 +133,12 @@ def test_oblique_mr_series_reads_back_whatever_the_file_order(tmp_path, seed):
         (lambda folder: _two_orientations(folder), "mixed orientations"),
         (lambda folder: _duplicate_positions(folder), "16 positions for 32 slices"),
         (lambda folder: write_series(mr_volume(), folder, "MR", positions=[3]), "a single slice"),
-        (lambda folder: write_series(mr_volume(), folder, "MR", transfer_syntax=undecodable_syntax()), "which no installed decoder reads"),
+        (lambda folder: write_series(mr_volume(), folder, "MR", transfer_syntax=JPEGLosslessSV1), "which no installed decoder reads"),
         (lambda folder: write_series(mr_volume(), folder, "MR") and _set_all(folder, SamplesPerPixel=3, PhotometricInterpretation="RGB"), "colour pixels"),
     ],
     ids=["missing-slice", "uneven-spacing", "mixed-orientations", "repeated-positions", "single-slice", "compressed-without-decoder", "colour"],
 )
-def test_broken_series_are_refused_with_a_message_naming_them(tmp_path, make, expected):
+def test_broken_series_are_refused_with_a_message_naming_them(tmp_path, make, expected, no_jpeg_lossless_decoder):
     make(tmp_path / "series")
     (series,) = find_series(tmp_path / "series")
     problems = series_problems(series)
@@ -204,7 +210,7 @@ def test_channel_mapping_forms_cases_per_study_and_names_what_does_not_fit(tmp_p
 # Prediction
 
 
-def test_predict_dicom_folder_writes_nifti_and_seg_that_agree_and_refuses_broken_series(tmp_path, softmax_checkpoint, threshold_network):
+def test_predict_dicom_folder_writes_nifti_and_seg_that_agree_and_refuses_broken_series(tmp_path, softmax_checkpoint, threshold_network, no_jpeg_lossless_decoder):
     """A folder with two good series (one oblique), a series missing a slice, a JPEG series no decoder reads and an SR:
     the good ones get a NIfTI and a SEG equal voxel for voxel and with the known answer; the broken ones an error
     naming their series and no file; the SR is skipped; the exit status says a case failed."""
@@ -212,7 +218,7 @@ def test_predict_dicom_folder_writes_nifti_and_seg_that_agree_and_refuses_broken
     good = write_series(mr_volume(), root / "a", "MR", affine=np.diag([-1.0, 1.5, 2.0, 1.0]), description="t1", series_number=3)
     oblique = write_series(mr_volume(seed=4), root / "b", "MR", affine=oblique_affine(), description="t1 oblique", series_number=4, study_uid=good["study_uid"])
     missing = write_series(mr_volume(), root / "c", "MR", positions=[k for k in range(16) if k != 7], series_number=5, study_uid=good["study_uid"])
-    jpeg = write_series(mr_volume(), root / "d", "MR", transfer_syntax=undecodable_syntax(), series_number=6, study_uid=good["study_uid"])
+    jpeg = write_series(mr_volume(), root / "d", "MR", transfer_syntax=JPEGLosslessSV1, series_number=6, study_uid=good["study_uid"])
     write_structured_report(root / "report.dcm", good["study_uid"])
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -447,3 +453,20 @@ def test_real_scan_predicts_the_same_from_dicom_as_from_nifti(tmp_path, experime
     np.testing.assert_array_equal(got, expected)
     probabilities = [nib.as_closest_canonical(nib.load(r["probabilities"])).get_fdata() for r in (from_dicom, from_nifti)]
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, RLELossless], ids=["jpeg-ls", "rle"])
+def test_compressed_series_read_back_exactly(tmp_path, syntax):
+    """A series compressed losslessly (as PACS exports often are) reads back as its uncompressed values."""
+    if not get_decoder(syntax).is_available:
+        pytest.skip(f"no decoder for {syntax.name} installed (the dicom extra's python-gdcm decodes it)")
+    values = np.random.default_rng(0).integers(0, 3000, (13, 11, 9)).astype(np.float32)
+    written = write_series(values, tmp_path / "series", "CT", slope=1.0, intercept=-1024.0, affine=oblique_affine())
+    for path in (tmp_path / "series").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax)
+        ds.save_as(path)
+    (series,) = find_series(tmp_path / "series")
+    assert pydicom.dcmread(series.files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    got, _ = canonical(to_nifti(read_series(series)))
+    np.testing.assert_array_equal(got, canonical(nib.Nifti1Image(written["values"], written["affine"]))[0])

@@ -209,7 +209,7 @@ def _header_problems(name: str, datasets: Sequence[Any]) -> list[str]:
             except NotImplementedError:
                 available, missing = False, "no pydicom decoder exists for it"
             if not available:
-                problems.append(f"{name}: pixel data compressed as {uid.name} ({uid}), which no installed decoder reads ({missing}); install one of those, or export the series uncompressed")
+                problems.append(f"{name}: pixel data compressed as {uid.name} ({uid}), which no installed decoder reads ({missing}); install one of those (the dicom extra's python-gdcm reads JPEG Lossless, JPEG-LS, JPEG 2000 and RLE), or export the series uncompressed")
     samples = {int(ds.get("SamplesPerPixel", 1) or 1) for ds in datasets}
     if samples != {1}:
         problems.append(f"{name}: colour pixels ({max(samples)} samples per pixel: a screen capture or a rendering?); a scan volume has one")
