@@ -470,3 +470,32 @@ def test_compressed_series_read_back_exactly(tmp_path, syntax):
     assert pydicom.dcmread(series.files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
     got, _ = canonical(to_nifti(read_series(series)))
     np.testing.assert_array_equal(got, canonical(nib.Nifti1Image(written["values"], written["affine"]))[0])
+
+
+def test_every_seg_frame_refers_to_the_source_slice_at_its_position(tmp_path, softmax_checkpoint, threshold_network):
+    """Read with pydicom alone (not highdicom): each frame of the SEG names the source instance at its own plane
+    position, and its pixels are that slice's mask, so a viewer overlaying frame on slice shows the prediction."""
+    source = write_series(mr_volume(), tmp_path / "dicom", "MR", affine=oblique_affine(), seed=7)
+    (result,) = predict(predict_config(softmax_checkpoint, tmp_path / "dicom", tmp_path / "out", "output_format=both"))
+    slices = {}
+    for path in (tmp_path / "dicom").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        slices[str(ds.SOPInstanceUID)] = (np.asarray(ds.ImagePositionPatient, dtype=float), int(ds.InstanceNumber) - 1)  # position, k
+    labels = np.asarray(nib.load(result["prediction"]).dataobj)  # on the NIfTI grid; the series' slice k is (column i, row j)
+    written = nib.as_closest_canonical(nib.Nifti1Image(labels, nib.load(result["prediction"]).affine))
+    reference = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(source["values"].shape), source["affine"]))
+    assert np.allclose(written.affine, reference.affine, atol=1e-4)
+    # Labels in the source volume's own (i, j, k) order: undo the canonical reorientation of the written grid.
+    in_source = np.asarray(written.as_reoriented(nib.orientations.io_orientation(source["affine"])).dataobj)  # (i, j, k)
+    seg = pydicom.dcmread(result["dicom_seg"])
+    pixels = seg.pixel_array if seg.NumberOfFrames > 1 else seg.pixel_array[None]  # (frames, rows, columns)
+    seen = set()
+    for frame, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        position, k = slices[uid]
+        np.testing.assert_allclose(np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=float), position, atol=1e-3)
+        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)  # 1: anterior (label 1), 2: posterior
+        np.testing.assert_array_equal(pixels[frame].astype(bool), (in_source[:, :, k] == segment).T)  # (rows=j, columns=i)
+        seen.add((segment, k))
+    for segment in (1, 2):  # every slice holding the label has its frame (empty ones may be left out)
+        assert {k for k in range(labels.shape[2]) if (in_source[:, :, k] == segment).any()} <= {k for s, k in seen if s == segment}
