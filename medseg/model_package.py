@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -42,7 +43,9 @@ from omegaconf import OmegaConf
 
 from medseg import __version__
 from medseg.config import ConfigError
+from medseg.build import preprocessing_options_from_config
 from medseg.io import atomic_path
+from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON
 from medseg.report import CASE_REPORT_FILES, REPORT_FILES
 
 MANIFEST = "medseg_model.json"
@@ -79,8 +82,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 def portable_checkpoint(path: Path, member: str) -> dict[str, Any]:
     """What prediction needs of a checkpoint: weights, the config without machine paths, the operating point (tuned on
     this checkpoint: now on ``member``, its name in the zip; or on its cross-validation: kept)."""
-    from medseg.postprocess import CHECKPOINT_KEY, TUNED_ON
-
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("medseg_config"), dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"checkpoint {str(path)!r} has no saved training config ('medseg_config') and weights; expected a checkpoint written by medseg.train")
@@ -122,16 +123,12 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
     name = name or default_name(source, paths)
     members = [portable_checkpoint(p, f"{k}.ckpt") for k, p in enumerate(paths)]
     config = members[0]["medseg_config"]
-    from medseg.build import preprocessing_options_from_config
-    from medseg.postprocess import CHECKPOINT_KEY
-
     point = members[0].get(CHECKPOINT_KEY)
     files: dict[str, bytes] = {}
     for k, member in enumerate(members):
-        buffer = tempfile.SpooledTemporaryFile()
+        buffer = io.BytesIO()
         torch.save(member, buffer)
-        buffer.seek(0)
-        files[f"{CHECKPOINT_DIR}/{k}.ckpt"] = buffer.read()
+        files[f"{CHECKPOINT_DIR}/{k}.ckpt"] = buffer.getvalue()
     files["config.yaml"] = OmegaConf.to_yaml(OmegaConf.create(config)).encode()
     files["operating_point.json"] = json.dumps(point, indent=2).encode()
     files["labels.json"] = json.dumps(config["data"]["labels"], indent=2).encode()
@@ -146,11 +143,9 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
                 data = json.dumps(report[relative], indent=2).encode()
             files[f"{REPORT_DIR}/{relative}"] = data
     if include_onnx:
-        from medseg.export import export_onnx
-
         for k, path in enumerate(paths):
             with tempfile.TemporaryDirectory() as tmp:
-                files[f"{ONNX_DIR}/{k}.onnx"] = export_onnx(path, Path(tmp) / "net.onnx", name=f"{name} (fold {k})" if len(paths) > 1 else name).read_bytes()
+                files[f"{ONNX_DIR}/{k}.onnx"] = write_onnx(path, Path(tmp) / "net.onnx", name=f"{name} (fold {k})" if len(paths) > 1 else name).read_bytes()
     manifest = {
         "format": FORMAT_VERSION, "name": name, "medseg_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "members": [f"{CHECKPOINT_DIR}/{k}.ckpt" for k in range(len(members))], "onnx": [f"{ONNX_DIR}/{k}.onnx" for k in range(len(members))] if include_onnx else [],
@@ -165,6 +160,42 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
             for path, data in files.items():  # checkpoints are zip files themselves: stored, not deflated again
                 archive.writestr(path, data, compress_type=zipfile.ZIP_STORED if path.endswith((".ckpt", ".png")) else zipfile.ZIP_DEFLATED)
     return manifest
+
+
+def write_onnx(ckpt_path: Any, output: str | os.PathLike, fold: int | None = None, name: str | None = None, overwrite: bool = False) -> Path:
+    """The network of one checkpoint as an ONNX file (:func:`medseg.onnx_backend.export_network`), its config (machine
+    paths removed) and operating point as metadata, so that the file alone predicts (``backend=onnxruntime``).
+
+    Args:
+        ckpt_path: what ``medseg.predict ckpt_path=`` accepts; several checkpoints need ``fold``.
+        output: the ``.onnx`` file (refused if it exists, unless ``overwrite``).
+        fold: which of several checkpoints (0-based).
+        name: the model's name in the metadata (default: :func:`default_name`).
+
+    Raises:
+        ConfigError: ``output`` is not a new ``.onnx`` file, or several checkpoints without a valid ``fold``.
+    """
+    from medseg.ensemble import resolve_checkpoints
+    from medseg.onnx_backend import export_network
+    from medseg.prediction import load_model
+
+    output = Path(output).expanduser()
+    if output.suffix != ".onnx":
+        raise ConfigError(f"expected output=<name>.onnx for format=onnx, got {str(output)!r}")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; choose another name or pass overwrite=true")
+    paths = resolve_checkpoints(ckpt_path)
+    if fold is None and len(paths) > 1:
+        raise ConfigError(f"ckpt_path names {len(paths)} checkpoints (a cross-validation); ONNX holds one network: pass fold=<0..{len(paths) - 1}>, or format=zip include_onnx=true for all")
+    if fold is not None and not 0 <= int(fold) < len(paths):
+        raise ConfigError(f"expected fold in 0..{len(paths) - 1}, got {fold}")
+    path = paths[int(fold or 0)]
+    model, cfg = load_model(path)
+    metadata = {
+        "medseg_version": __version__, "model": name or default_name(source_folder(ckpt_path, paths), [path]), CHECKPOINT_KEY: json.dumps(model.postprocessing.to_dict()),
+        "medseg_config": json.dumps(without_machine_paths(OmegaConf.to_container(cfg, resolve=True))),
+    }  # fmt: skip
+    return export_network(model.net, int(cfg.data.in_channels), output, list(model.inferer["roi_size"]), metadata=metadata)
 
 
 def source_folder(ckpt_path: Any, paths: Sequence[Path]) -> Path | None:

@@ -443,10 +443,15 @@ def write_labels(case: PreparedCase, probs: Tensor, spec: LabelSpec, options: Pr
         write_nifti_atomic(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), reference, prob_path)
         result["probabilities"] = str(prob_path)
     result["seconds"] = round(case.seconds + time.perf_counter() - start, 2)
-    if case.record.get("dicom"):  # the NIfTI copies of its series are no longer needed
-        for staged in case.record["image"]:
-            Path(staged).unlink(missing_ok=True)
+    remove_staged(case.record)  # written: the NIfTI copies of its series are no longer needed
     return result
+
+
+def remove_staged(record: CaseRecord) -> None:
+    """Remove the NIfTI copies a DICOM case's series were staged as (:func:`medseg.dicom.series.stage_case`), if any."""
+    if record.get("dicom"):
+        for staged in record["image"]:
+            Path(staged).unlink(missing_ok=True)
 
 
 def reference_masks(label_file: str, spec: LabelSpec, shape: Sequence[int]) -> np.ndarray:
@@ -587,9 +592,7 @@ def _outcome(record: CaseRecord, stage: Future) -> dict[str, Any]:
         return stage.result()
     except Exception as err:  # one unreadable case must not stop the others; it is reported instead
         message = _root_cause(err)
-        if record.get("dicom"):  # its series' NIfTI copies, if it got as far as writing them
-            for staged in record["image"]:
-                Path(staged).unlink(missing_ok=True)
+        remove_staged(record)  # if it got as far as staging them
         unreadable = None if record.get("dicom") else _unreadable_file(record["image"])
         message = f"{unreadable}: {message}" if unreadable else message
         log.error("case %s failed: %s", record["case"], message)
@@ -791,7 +794,7 @@ def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, li
     if not record_path.is_file():
         unknown = sorted(p.name for p in output.iterdir() if p.is_file() and p.name.endswith((*NIFTI_SUFFIXES, SEG_SUFFIX)) and not p.name.startswith("."))
         if unknown and not overwrite:
-            raise ConfigError(f"output {output} already holds {len(unknown)} NIfTI file(s) ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) and no {SUMMARY_NAME} saying what made them: choose another output folder, or overwrite=true to replace those of the same names")
+            raise ConfigError(f"output {output} already holds {len(unknown)} label or SEG file(s) ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}) and no {SUMMARY_NAME} saying what made them: choose another output folder, or overwrite=true to replace those of the same names")
         return {}
     try:
         earlier = json.loads(record_path.read_text())
@@ -810,8 +813,9 @@ def resume_or_refuse(output: Path, made_by: dict[str, Any], inputs: dict[str, li
         return {}
     done = {}
     for entry in entries:  # kept: cases predicted from the same image files, whose files are all there
-        files = [entry.get("prediction") or entry.get("dicom_seg"), *([entry["dicom_seg"]] if "dicom_seg" in entry else []), *([entry.get("probabilities")] if save_probabilities else [])]
-        if "error" not in entry and all(f and Path(f).is_file() for f in files) and entry.get("image") == inputs.get(str(entry["case"])):
+        outputs = [entry[key] for key in ("prediction", "dicom_seg") if entry.get(key)]  # NIfTI labels, DICOM SEG or both
+        files = [*outputs, *([entry.get("probabilities")] if save_probabilities else [])]
+        if "error" not in entry and outputs and all(f and Path(f).is_file() for f in files) and entry.get("image") == inputs.get(str(entry["case"])):
             done[str(entry["case"])] = entry
     return done
 

@@ -499,3 +499,24 @@ def test_every_seg_frame_refers_to_the_source_slice_at_its_position(tmp_path, so
         seen.add((segment, k))
     for segment in (1, 2):  # every slice holding the label has its frame (empty ones may be left out)
         assert {k for k in range(labels.shape[2]) if (in_source[:, :, k] == segment).any()} <= {k for s, k in seen if s == segment}
+
+
+def test_a_rerun_keeps_finished_seg_cases_and_redoes_a_missing_or_grown_one(tmp_path, softmax_checkpoint, threshold_network):
+    """Resuming into the same folder: a case whose SEG is there is kept, one whose SEG was removed is predicted again,
+    and a series that gained slices since is predicted again (its record names the file count)."""
+    write_series(mr_volume(), tmp_path / "dicom" / "a", "MR", series_number=1)
+    write_series(mr_volume(seed=2), tmp_path / "dicom" / "b", "MR", series_number=2, positions=range(12))
+    args = (softmax_checkpoint, tmp_path / "dicom", tmp_path / "out", "output_format=dicom_seg")
+    first = {r["case"]: r for r in predict(predict_config(*args))}
+    stamps = {case: Path(r["dicom_seg"]).stat().st_mtime_ns for case, r in first.items()}
+    again = {r["case"]: r for r in predict(predict_config(*args))}
+    assert again == first and {c: Path(r["dicom_seg"]).stat().st_mtime_ns for c, r in again.items()} == stamps  # kept as they were
+    case_a, case_b = sorted(first)
+    Path(first[case_a]["dicom_seg"]).unlink()
+    b = next(iter(find_series(tmp_path / "dicom" / "b")))
+    write_series(mr_volume(seed=2), tmp_path / "dicom" / "b" / "later", "MR", series_number=2, positions=range(12, 16), series_uid=b.uid, study_uid=b.study_uid,
+                 frame_of_reference_uid=b.frame_of_reference)  # the rest of the series arrives  # fmt: skip
+    third = {r["case"]: r for r in predict(predict_config(*args))}
+    assert Path(third[case_a]["dicom_seg"]).is_file()  # the removed SEG written again
+    assert third[case_b]["image"] == [f"dicom:{b.uid} (16 files)"] and first[case_b]["image"] == [f"dicom:{b.uid} (12 files)"]
+    assert Path(third[case_b]["dicom_seg"]).stat().st_mtime_ns != stamps[case_b]
