@@ -113,11 +113,7 @@ def write_model_zip(ckpt_path: Any, output: str | os.PathLike, name: str | None 
     from medseg.ensemble import resolve_checkpoints
     from medseg.model_card import model_card
 
-    output = Path(output).expanduser()
-    if output.suffix != ".zip":
-        raise ConfigError(f"expected output=<name>.zip, got {str(output)!r}")
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; choose another name or pass overwrite=true")
+    output = new_output(output, ".zip", overwrite)
     paths = resolve_checkpoints(ckpt_path)
     source = source_folder(ckpt_path, paths)
     name = name or default_name(source, paths)
@@ -179,11 +175,7 @@ def write_onnx(ckpt_path: Any, output: str | os.PathLike, fold: int | None = Non
     from medseg.onnx_backend import export_network
     from medseg.prediction import load_model
 
-    output = Path(output).expanduser()
-    if output.suffix != ".onnx":
-        raise ConfigError(f"expected output=<name>.onnx for format=onnx, got {str(output)!r}")
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; choose another name or pass overwrite=true")
+    output = new_output(output, ".onnx", overwrite)
     paths = resolve_checkpoints(ckpt_path)
     if fold is None and len(paths) > 1:
         raise ConfigError(f"ckpt_path names {len(paths)} checkpoints (a cross-validation); ONNX holds one network: pass fold=<0..{len(paths) - 1}>, or format=zip include_onnx=true for all")
@@ -196,6 +188,16 @@ def write_onnx(ckpt_path: Any, output: str | os.PathLike, fold: int | None = Non
         "medseg_config": json.dumps(without_machine_paths(OmegaConf.to_container(cfg, resolve=True))),
     }  # fmt: skip
     return export_network(model.net, int(cfg.data.in_channels), output, list(model.inferer["roi_size"]), metadata=metadata)
+
+
+def new_output(output: str | os.PathLike, suffix: str, overwrite: bool) -> Path:
+    """``output`` as a path, refused (:class:`ConfigError`) without ``suffix`` or, unless ``overwrite``, when it exists."""
+    path = Path(output).expanduser()
+    if path.suffix != suffix:
+        raise ConfigError(f"expected output=<name>{suffix}, got {str(path)!r}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; choose another name or pass overwrite=true")
+    return path
 
 
 def source_folder(ckpt_path: Any, paths: Sequence[Path]) -> Path | None:
